@@ -1,0 +1,42 @@
+"""Task metrics, per prompt: the logit difference and its normalised form.
+
+    python -c "import attrpatch.metrics as m; help(m.logit_diff)"
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from attrpatch.tasks import PromptBatch
+
+
+def answer_logits(logits: Float[Tensor, "batch pos vocab"], batch: PromptBatch) -> Float[Tensor, "batch vocab"]:
+    """The logits at each prompt's own answer position (so padding after it never matters)."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    pos = batch.answer_pos.to(logits.device)
+    if logits.shape[0] != len(batch):  # a batch of patched copies: prompts repeat along the batch axis
+        pos = pos.repeat(logits.shape[0] // len(batch))
+    return logits[rows, pos]
+
+
+def logit_diff(logits: Float[Tensor, "batch pos vocab"], batch: PromptBatch) -> Float[Tensor, " batch"]:
+    """logit(answer) − logit(wrong answer) at the answer position, one value per prompt.
+
+    ``logits`` may hold k patched copies of the batch stacked along the batch axis (k·batch rows, copy-major);
+    the answers repeat accordingly.
+    """
+    final = answer_logits(logits, batch)
+    reps = logits.shape[0] // len(batch)
+    ans = batch.answer_ids.to(final.device).repeat(reps)
+    wrong = batch.wrong_ids.to(final.device).repeat(reps)
+    return final.gather(1, ans[:, None])[:, 0] - final.gather(1, wrong[:, None])[:, 0]
+
+
+def normalise(metric: Tensor, clean: Tensor, corrupt: Tensor) -> Tensor:
+    """(m − corrupt) / (clean − corrupt): 1 at the clean baseline, 0 at the corrupted one (per prompt)."""
+    return (metric - corrupt) / (clean - corrupt)
+
+
+METRICS = {"logit_diff": logit_diff}
