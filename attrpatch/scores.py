@@ -90,10 +90,12 @@ class EdgeScores:
 
 @dataclass
 class MethodResult:
-    """What a method returns: node and/or edge scores (metric baselines travel with the batch)."""
+    """What a method returns: node and/or edge scores, and any extra tables (e.g. ``faithfulness``) that
+    the sweep writes to ``ROOT/<name>/model=M/task=T/method=X/part-*.parquet``."""
 
     nodes: list[NodeScores] = field(default_factory=list)
     edges: list[EdgeScores] = field(default_factory=list)
+    tables: dict[str, pa.Table] = field(default_factory=dict)
 
 
 def _grid(shape: tuple[int, ...]) -> list[np.ndarray]:
