@@ -215,3 +215,39 @@ def test_wandb_offline_logging(root, tmp_path, monkeypatch):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert any(runs[0].rglob("*.wandb"))
+
+
+def _faith_rows(metric, full, empty, n_prompts, ks=(10.0, 50.0, 100.0)) -> pa.Table:
+    from attrpatch.methods.faithfulness import FAITHFULNESS_SCHEMA
+
+    n = len(ks)
+    f = (np.array(metric) - empty) / (full - empty)
+    return pa.Table.from_pydict({
+        "direction": ["denoise"] * n, "ranking": ["edge_attribution"] * n, "level": ["edge"] * n,
+        "ablation": ["patch"] * n, "k_percent": np.array(ks, np.float32), "n_kept": np.array([1, 5, 10], np.int32),
+        "n_total": np.full(n, 10, np.int32), "n_edges_kept": np.array([1, 5, 10], np.int32),
+        "metric": np.array(metric, np.float32), "metric_full": np.full(n, full, np.float32),
+        "metric_empty": np.full(n, empty, np.float32), "faithfulness": f.astype(np.float32),
+        "cpr": np.full(n, np.nan, np.float32), "cmd": np.full(n, np.nan, np.float32),
+        "n_prompts": np.full(n, n_prompts, np.int32)}, schema=FAITHFULNESS_SCHEMA)
+
+
+def test_faithfulness_curves_pool_shards(root, tmp_path):
+    """Two shards (2 and 6 prompts) pool to metric means weighted by prompts; f, CPR, CMD recomputed."""
+    from attrpatch.methods.faithfulness import areas
+
+    faith = tmp_path / "faith_root"
+    part = dict(model="gpt2-small", task="ioi", method="faithfulness")
+    write_part(faith, "faithfulness", _faith_rows([1, 2, 3], 3, 0, 2), part=0, **part)
+    write_part(faith, "faithfulness", _faith_rows([0, 1, 5], 5, 1, 6), part=1, **part)
+    con = open_results(faith)
+    df = con.sql("SELECT * FROM faithfulness_curves ORDER BY k_percent").df()
+    assert df["metric"].tolist() == pytest.approx([0.25, 1.25, 4.5])
+    assert df["metric_full"].iloc[0] == pytest.approx(4.5) and df["metric_empty"].iloc[0] == pytest.approx(0.75)
+    f = [(0.25 - 0.75) / 3.75, (1.25 - 0.75) / 3.75, 1.0]
+    assert df["faithfulness"].tolist() == pytest.approx(f)
+    assert (df["n_prompts"] == 8).all()
+    cpr, cmd = areas([10, 50, 100], f)
+    assert df["cpr"].tolist() == pytest.approx([cpr] * 3) and cpr == pytest.approx(0.5 * (f[1] + 1) / 2)
+    assert df["cmd"].tolist() == pytest.approx([cmd] * 3)
+    assert cmd == pytest.approx(0.4 * (1 - f[0] + 1 - f[1]) / 2 + 0.5 * (1 - f[1]) / 2)
