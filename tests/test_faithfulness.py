@@ -220,3 +220,59 @@ def test_bad_circuits_and_options(tiny, ioi):
                          ({"ranking": "nope"}, "unknown method"), ({"ranking": "activation"}, "produces nodes")):
         with pytest.raises(MethodError, match=match):
             run_method("faithfulness", tiny, ioi, MethodConfig(extra=extra))
+
+
+def test_edge_graph_order_matches_literal_reference(tiny, ioi):
+    """attrpatch.graph's order makes the upstream sources a prefix (the no-copy path): same answer."""
+    from attrpatch.graph import EdgeGraph
+
+    w = weights(tiny)
+    index = EdgeGraph.of(w).index()
+    circuits = torch.rand(2, *index.valid.shape, generator=torch.Generator().manual_seed(5)) < 0.4
+    ours = circuit_metric(w, index, circuits, ioi)
+    abl = source_writes(w, SiteMap.build(index, w.n_layers, w.n_heads), len(index.src), ioi.corrupt_tokens,
+                        ioi.answer_pos)
+    for c in range(2):
+        torch.testing.assert_close(ours[c], literal_metric(w, index, circuits[c], ioi, abl), atol=1e-4, rtol=1e-4)
+
+
+def test_faithfulness_method_edges(tiny, ioi):
+    cfg = MethodConfig(directions=("denoise", "noise"), extra={"k_percent": [1, 10, 50, 100]})
+    result = run_method("faithfulness", tiny, ioi, cfg)
+    assert not result.nodes and not result.edges
+    table = result.tables["faithfulness"]
+    assert table.schema == FAITHFULNESS_SCHEMA
+    df = table.to_pandas()
+    assert len(df) == 8 and set(df["direction"]) == {"denoise", "noise"}
+    assert set(df["ranking"]) == {"edge_attribution"} and set(df["level"]) == {"edge"}
+    assert (df.groupby("direction")["faithfulness"].last() == 1.0).all()
+    for _, curve in df.groupby("direction"):
+        cpr, cmd = areas(curve["k_percent"], curve["faithfulness"].to_numpy(np.float64))
+        assert curve["cpr"].iloc[0] == pytest.approx(cpr, rel=1e-5)
+        assert curve["cmd"].iloc[0] == pytest.approx(cmd, rel=1e-5)
+    # the baselines do not depend on the ranking's direction; m(∅) is the corrupted model (patch ablation)
+    assert df["metric_full"].nunique() == 1 and df["metric_empty"].nunique() == 1
+    w = weights(tiny)
+    with torch.no_grad():
+        corrupt = logit_diff(forward(w, ioi.corrupt_tokens, ioi.answer_pos), ioi).mean()
+    assert df["metric_empty"].iloc[0] == pytest.approx(float(corrupt), abs=1e-4)
+
+
+def test_faithfulness_method_nodes(tiny, ioi):
+    """Node circuits ranked by exact activation patching: a circuit of n nodes keeps every edge out of them
+    and out of embed; the largest node circuit is the full graph."""
+    from attrpatch.graph import EdgeGraph
+
+    w = weights(tiny)
+    graph = EdgeGraph.of(w)
+    cfg = MethodConfig(extra={"level": "node", "ranking": "activation", "k_percent": [10, 50, 100],
+                              "ablation": "mean"})
+    df = run_method("faithfulness", tiny, ioi, cfg).tables["faithfulness"].to_pandas()
+    n_nodes = w.n_layers * (w.n_heads + 1)
+    assert (df["n_total"] == n_nodes).all() and df["n_kept"].tolist() == n_kept([10, 50, 100], n_nodes).tolist()
+    out_degree = graph.valid.sum(1)
+    assert df["n_edges_kept"].iloc[-1] == graph.n_edges
+    # 10%: one node, so embed's edges (always kept) plus the out-edges of exactly one head or MLP
+    assert df["n_kept"].iloc[0] == 1
+    assert int(df["n_edges_kept"].iloc[0]) - int(out_degree[0]) in set(out_degree[1:].tolist())
+    assert df["faithfulness"].iloc[-1] == 1.0 and set(df["ablation"]) == {"mean"}

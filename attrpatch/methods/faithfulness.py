@@ -147,7 +147,8 @@ def node_circuits(nodes: list[NodeScores], index: EdgeIndex, n: np.ndarray) -> t
 def _options(cfg: MethodConfig) -> tuple[str, str, str, tuple[float, ...]]:
     unknown = sorted(set(cfg.extra) - set(EXTRA_KEYS))
     if unknown:
-        raise MethodError(f"faithfulness does not take extra options {unknown}: use {list(EXTRA_KEYS)}")
+        raise MethodError(f"faithfulness does not take extra options {unknown}: use {list(EXTRA_KEYS)} (in a sweep, "
+                          "set them for this method only: method.overrides.faithfulness.extra)")
     level = cfg.extra.get("level", "edge")
     if level not in LEVELS:
         raise MethodError(f"extra.level must be one of {list(LEVELS)}, got {level!r}")
