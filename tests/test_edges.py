@@ -3,10 +3,9 @@ ACDC++-style loop over bridge caches, node AtP by autograd, and the Attribution 
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
+from conftest_edges import bridge_grads, rel_close, tiny64_fixture  # noqa: F401  (registers fixture tiny64)
 from transformer_lens.tools.analysis.attribution_patching import (
     EdgeAttributionConfig,
     _edge_hook_flags,
@@ -17,7 +16,7 @@ from transformer_lens.tools.analysis.attribution_patching import (
 )
 from transformer_lens.tools.analysis.attribution_patching import Node as TLNode
 
-from attrpatch import load_model, make_batch
+from attrpatch import make_batch
 from attrpatch.components import Node
 from attrpatch.engine import forward, weights
 from attrpatch.graph import EdgeGraph, GraphError, head_path_view
@@ -69,40 +68,11 @@ def test_graph_errors():
 
 # --- helpers shared by the oracle tests ---------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny64(tiny_dir):
-    """The tiny model in float64, so that 1e-5 agreement measures the algorithm, not float32 rounding."""
-    model = load_model(tiny_dir)
-    model.bridge.to(torch.float64)
-    return model
-
-
-@contextlib.contextmanager
-def bridge_grads(model):
-    """TransformerLens' gradient cache needs activations that require grad: unfreeze the weights briefly
-    (torch.autograd.grad never touches their .grad)."""
-    params = list(model.bridge.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(False)
-
-
 def tl_to_ours(node: TLNode, graph: EdgeGraph) -> Node:
     kind = {"embed": "embed", "attn_head_out": "head_out", "mlp_out": "mlp_out", "q_input": "head_q",
             "k_input": "head_k", "v_input": "head_v", "mlp_in": "mlp_in", "logits": "logits"}[node.kind]
     layer = graph.n_layers if kind == "logits" else (node.layer or 0)
     return Node(kind, layer, node.head)
-
-
-def rel_close(ours: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-5) -> None:
-    """Equal to ``rtol`` relative to the largest reference score (cells near zero are judged on that scale)."""
-    scale = float(ref.abs().max())
-    assert scale > 0
-    torch.testing.assert_close(ours, ref, rtol=rtol, atol=rtol * scale)
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
