@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 TOP_K = 10  # the absolute top-k of the comparison (AtP* reports recall of the top handful of components)
 TOP_FRACTION = 0.05  # the relative top-k: 5% of the scored components
 SCATTER_POINTS = 2000  # points per scatter panel: enough to see the shape, small enough for a PNG
+SCATTER_COLUMNS = 5  # panels per row: 15 edge kinds wrap into a readable 3 × 5 block per model
 GROUP = ("level", "model", "task", "kind", "direction", "method")
 COLUMNS = (*GROUP, "n_params_m", "n_scores", "pearson", "spearman", "recall_top10", "recall_top5pct",
            "sign_agreement")
@@ -174,21 +175,23 @@ def plot_scatter_grids(con: duckdb.DuckDBPyConnection, df: pd.DataFrame, out: Pa
     for (level, task, direction, method), fig_pts in points.groupby(["level", "task", "direction", "method"]):
         models = [m for m in order if m in set(fig_pts["model"])]
         kinds = sorted(fig_pts["kind"].unique())
-        fig, axes = plt.subplots(len(models), len(kinds), figsize=(2.6 * len(kinds), 2.4 * len(models)),
-                                 squeeze=False)
-        for i, model in enumerate(models):
-            for j, kind in enumerate(kinds):
-                ax = axes[i, j]
-                cell = fig_pts[(fig_pts["model"] == model) & (fig_pts["kind"] == kind)]
-                if cell.empty:
-                    ax.axis("off")
-                    continue
-                ax.scatter(cell["exact"], cell["score"], s=3, alpha=0.5)
-                lo = min(cell["exact"].min(), cell["score"].min())
-                hi = max(cell["exact"].max(), cell["score"].max())
-                ax.plot([lo, hi], [lo, hi], color="grey", lw=0.5)
-                ax.set_title(f"{model} · {kind}", fontsize=7)
-                ax.tick_params(labelsize=6)
+        panels = [(m, k) for m in models for k in kinds]  # model-major: each model's kinds wrap together
+        cols = min(SCATTER_COLUMNS, len(kinds))
+        rows = math.ceil(len(panels) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.5 * rows), squeeze=False)
+        for ax in axes.flat[len(panels):]:
+            ax.axis("off")
+        for ax, (model, kind) in zip(axes.flat, panels, strict=False):
+            cell = fig_pts[(fig_pts["model"] == model) & (fig_pts["kind"] == kind)]
+            if cell.empty:
+                ax.axis("off")
+                continue
+            ax.scatter(cell["exact"], cell["score"], s=3, alpha=0.5)
+            lo = min(cell["exact"].min(), cell["score"].min())
+            hi = max(cell["exact"].max(), cell["score"].max())
+            ax.plot([lo, hi], [lo, hi], color="grey", lw=0.5)
+            ax.set_title(f"{model} · {kind}", fontsize=7)
+            ax.tick_params(labelsize=6)
         fig.supxlabel("exact patching")
         fig.supylabel(f"{method} ({direction})")
         fig.tight_layout()

@@ -121,16 +121,15 @@ def edge_scores(root: str | Path, model: str, task: str, method: str,
 
 
 def d_model_of(model: str, root: Path) -> int | None:
-    """d_model from the registry's checkpoint directory, a GPT-2 size name, or the manifest."""
-    from attrpatch.models import ModelLoadError, resolve_spec
+    """d_model from the checkpoint directory (a registered name, or the manifest's path for a local
+    model), else from the GPT-2 size name."""
+    from analysis.query import _manifest_paths
+    from attrpatch.models import REGISTRY
 
-    try:
-        spec = resolve_spec(model)
-        cfg = Path(spec.source) / "config.json"
-        if cfg.exists():
-            return int(json.loads(cfg.read_text())["n_embd"])
-    except ModelLoadError:
-        pass
+    source = REGISTRY[model].source if model in REGISTRY else _manifest_paths(root).get(model, model)
+    cfg = Path(source) / "config.json"
+    if cfg.exists():
+        return int(json.loads(cfg.read_text())["n_embd"])
     return GPT2_D_MODEL.get(model)
 
 

@@ -10,7 +10,8 @@ Views (each exists only when its directory holds Parquet files; Hive partitions 
 * ``node_pairs`` / ``edge_pairs`` — every approximation joined with its exact reference on the index
   columns (``score`` = the approximation, ``exact`` = the reference); see ``pair_sql``;
 * ``faithfulness_curves`` — faithfulness pooled over prompt shards, with CPR and CMD per curve;
-* ``models`` — ``model``, ``n_params_m`` for every model directory (registry first, then ``manifest.json``).
+* ``models`` — ``model``, ``n_params_m`` for every model directory (registry first, then ``manifest.json``;
+  NULL when unknown).
 
 Rows are first pooled over shards (a weighted mean by ``n_prompts`` of the rows that share a key), so
 shard-mean rows (``prompt`` null) from several shards join one-to-one, and per-prompt rows are unchanged.
@@ -34,7 +35,7 @@ EDGE_KEY = ("direction", "src_component", "src_layer", "src_head", "dst_componen
 PARTITIONS = ("model", "task")
 NODE_REFERENCE = "activation"  # exact activation patching: the ground truth for node scores
 EDGE_REFERENCE = "edge_activation"  # exact edge patching: the ground truth for edge scores
-NOT_TABLES = ("plots", "wandb")  # directories under ROOT that hold figures or W&B runs, not Parquet tables
+NOT_TABLES = ("plots", "wandb")  # directories under ROOT that hold figures or W&B runs (and _*/.*: bookkeeping)
 
 
 class ResultsError(AttrpatchError):
@@ -49,7 +50,7 @@ def table_dirs(root: str | Path) -> list[str]:
     """Names of the directories under ``root`` that hold Parquet part files (contract tables first)."""
     root = Path(root)
     found = [d.name for d in sorted(root.iterdir()) if d.is_dir() and d.name not in NOT_TABLES
-             and next(d.rglob("*.parquet"), None) is not None]
+             and d.name[0] not in "._" and next(d.rglob("*.parquet"), None) is not None]
     return [t for t in CONTRACT_TABLES if t in found] + [t for t in found if t not in CONTRACT_TABLES]
 
 
@@ -123,12 +124,32 @@ def _manifest_sizes(root: Path) -> dict[str, float]:
     return found
 
 
-def model_sizes(root: str | Path, models: list[str]) -> dict[str, float]:
-    """Millions of parameters per model: ``attrpatch.models.REGISTRY`` first, then the manifest, else NaN."""
-    from attrpatch.models import REGISTRY
+def _manifest_paths(root: Path) -> dict[str, str]:
+    """{model name: checkpoint directory} from the manifest's ``models`` map (local checkpoints)."""
+    path = root / "manifest.json"
+    models = json.loads(path.read_text()).get("models") if path.exists() else None
+    return {k: v for k, v in models.items() if isinstance(v, str)} if isinstance(models, dict) else {}
 
-    manifest = _manifest_sizes(Path(root))
-    return {m: REGISTRY[m].n_params_m if m in REGISTRY else manifest.get(m, math.nan) for m in models}
+
+def model_sizes(root: str | Path, models: list[str]) -> dict[str, float]:
+    """Millions of parameters per model: ``attrpatch.models.REGISTRY`` first, then sizes named in the
+    manifest, then the estimate of a local checkpoint the manifest points to, else NaN."""
+    from attrpatch.models import REGISTRY, ModelLoadError, resolve_spec
+
+    root = Path(root)
+    sizes, paths = _manifest_sizes(root), _manifest_paths(root)
+    out = {}
+    for m in models:
+        if m in REGISTRY:
+            out[m] = REGISTRY[m].n_params_m
+        elif m in sizes:
+            out[m] = sizes[m]
+        else:
+            try:
+                out[m] = resolve_spec(paths[m]).n_params_m if m in paths else math.nan
+            except ModelLoadError:  # the checkpoint moved since the sweep: size unknown
+                out[m] = math.nan
+    return out
 
 
 def open_results(root: str | Path, con: duckdb.DuckDBPyConnection | None = None,

@@ -12,6 +12,7 @@ The dataset (written in the contract layout with pyarrow, no model involved):
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -251,3 +252,20 @@ def test_faithfulness_curves_pool_shards(root, tmp_path):
     assert df["cpr"].tolist() == pytest.approx([cpr] * 3) and cpr == pytest.approx(0.5 * (f[1] + 1) / 2)
     assert df["cmd"].tolist() == pytest.approx([cmd] * 3)
     assert cmd == pytest.approx(0.4 * (1 - f[0] + 1 - f[1]) / 2 + 0.5 * (1 - f[1]) / 2)
+
+
+def test_model_sizes_from_sweep_manifest(tmp_path, tiny_dir):
+    """A sweep's manifest maps local model names to checkpoint directories; their size is estimated."""
+    from attrpatch.models import resolve_spec
+
+    root = tmp_path / "local"
+    (tmp_path / "local").mkdir()
+    manifest = {"models": {"local-x": str(tiny_dir), "gone": "/nonexistent/dir"},
+                "sizes": [{"name": "named", "n_params_m": 3.5}]}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    for model in ("local-x", "gone", "named", "gpt2-xl"):
+        write_part(root, "nodes", node_rows("mlp_out", 0, None, None, None, [1.0], 1), model=model, task="ioi",
+                   method="activation")
+    sizes = dict(open_results(root).execute("SELECT model, n_params_m FROM models").fetchall())
+    assert sizes["local-x"] == resolve_spec(tiny_dir).n_params_m and sizes["named"] == 3.5
+    assert sizes["gpt2-xl"] == 1558 and sizes["gone"] is None  # unknown: NULL in SQL
