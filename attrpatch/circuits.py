@@ -42,8 +42,8 @@ from attrpatch.errors import AttrpatchError
 from attrpatch.scores import EdgeIndex
 from attrpatch.tasks import PromptBatch
 
-# Bytes one pass may hold in δ (rows · pos · src · d_model) and the split q/k/v inputs: keeps gpt2-small's
-# ten circuits of a 16-prompt shard in one pass and gpt2-xl within a CPU host's memory.
+# Bytes one pass may hold in δ (rows · pos · src · d_model) and one layer's split q/k/v inputs: by
+# rows_per_pass's count ~145 circuit × prompt rows of gpt2-small or ~11 of gpt2-xl at 20 positions.
 MEMORY_BUDGET = 2 * 2**30
 ABLATIONS = ("patch", "mean")
 QKV_SITES = {"head_q_in": "head_q", "head_k_in": "head_k", "head_v_in": "head_v"}
@@ -144,8 +144,10 @@ def template_mean(writes: Float[Tensor, "batch pos src d_model"], batch: PromptB
 
 
 def rows_per_pass(w: Weights, n_src: int, n_pos: int, max_rows: int, budget: int = MEMORY_BUDGET) -> int:
-    """Step 4: circuit × prompt rows one pass may take (δ, the split q/k/v inputs and their LayerNorms)."""
-    per_row = 4 * n_pos * w.d_model * (n_src + 6 * w.n_layers * w.n_heads + 12 * w.n_layers)
+    """Step 4: circuit × prompt rows one pass may take. Without gradients only one layer's tensors live at
+    a time besides δ: per row and position, δ (n_src · d_model), the split q/k/v inputs and their
+    LayerNorms (6 · n_heads · d_model) and the ordinary block activations (~12 · d_model)."""
+    per_row = 4 * n_pos * w.d_model * (n_src + 6 * w.n_heads + 12)
     return max(1, min(max_rows, budget // per_row))
 
 

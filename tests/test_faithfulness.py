@@ -276,3 +276,20 @@ def test_faithfulness_method_nodes(tiny, ioi):
     assert df["n_kept"].iloc[0] == 1
     assert int(df["n_edges_kept"].iloc[0]) - int(out_degree[0]) in set(out_degree[1:].tolist())
     assert df["faithfulness"].iloc[-1] == 1.0 and set(df["ablation"]) == {"mean"}
+
+
+def test_one_ablated_edge_is_exact_edge_patching(tiny, ioi):
+    """Ablating a single edge from the full graph is exact edge patching in the noise direction (run clean,
+    the target reads the corrupted write): m(N minus e) − m(N) = edge_activation's score, per prompt."""
+    from attrpatch.graph import EdgeGraph
+
+    w = weights(tiny)
+    index = EdgeGraph.of(w).index()
+    exact = run_method("edge_activation", tiny, ioi,
+                       MethodConfig(directions=("noise",), per_prompt=True, per_position=False)).edges[0]
+    assert exact.axes == ("prompt", "src", "dst")
+    edges = index.valid.nonzero()[torch.randperm(index.n_edges, generator=torch.Generator().manual_seed(3))[:8]]
+    circuits = index.valid[None].repeat(len(edges) + 1, 1, 1)
+    circuits[torch.arange(1, len(edges) + 1), edges[:, 0], edges[:, 1]] = False  # circuit 0: the full graph
+    m = circuit_metric(w, index, circuits, ioi)
+    torch.testing.assert_close(m[1:] - m[0], exact.scores[:, edges[:, 0], edges[:, 1]].T, atol=2e-4, rtol=1e-3)
