@@ -88,63 +88,90 @@ def _no_edit(site: str, x: Tensor) -> Tensor:
     return x
 
 
+def _block(w: Weights, fw: Fused, cache: RunCache, L: int, p0: int, prompt: Tensor,
+           resid: Float[Tensor, "row suffix d_model"], edit: SiteEdit | None) -> Float[Tensor, "row suffix d_model"]:
+    """Steps 2–3: block ``L`` on positions ``p0 … p0 + S − 1`` (S = resid.shape[1]); keys and values of
+    positions ``< p0`` from the run's cache; ``edit`` (if any) patches this block's sites."""
+    R, S = resid.shape[:2]
+    H, E = w.n_heads, w.d_head
+    if edit is not None:
+        resid = edit("resid_pre", resid)
+    x = _ln(resid, w.ln1_w[L], w.ln1_b[L], w.eps)
+    qkv = (x @ fw.W_qkv[L] + fw.b_qkv[L]).view(R, S, 3, H, E)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if edit is not None:
+        q, k, v = edit("head_q", q), edit("head_k", k), edit("head_v", v)
+    if p0 > 0:
+        k = torch.cat([cache.k[L][prompt, :p0], k], dim=1)
+        v = torch.cat([cache.v[L][prompt, :p0], v], dim=1)
+    scores = torch.einsum("rqhe,rkhe->rhqk", q, k) / math.sqrt(E)
+    scores = scores.masked_fill(_causal(p0, S, resid.device), torch.finfo(scores.dtype).min)
+    pattern = scores.softmax(-1)
+    if edit is not None:
+        pattern = edit("head_pattern", pattern)
+    z = torch.einsum("rhqk,rkhe->rqhe", pattern, v)
+    if edit is not None:
+        z = edit("head_out", z)
+    attn = z.reshape(R, S, H * E) @ fw.W_O[L] + w.b_O[L]
+    if edit is not None:
+        attn = edit("attn_out", attn)
+    resid = resid + attn
+    if edit is not None:
+        resid = edit("resid_mid", resid)
+    mlp = _mlp(w, L, resid)
+    if edit is not None:
+        mlp = edit("mlp_out", mlp)
+    return resid + mlp
+
+
+def _causal(p0: int, S: int, device: torch.device) -> Tensor:
+    """[S, p0 + S]: True where key position > query position (query i sits at p0 + i)."""
+    keys = torch.arange(p0 + S, device=device)
+    return keys[None, :] > (p0 + torch.arange(S, device=device))[:, None]
+
+
 def suffix_metric(w: Weights, cache: RunCache, layer: int, p0: int, prompt: Int[Tensor, " row"],
                   answer_pos: Int[Tensor, " row"], unembed_dir: Float[Tensor, "row d_model"],
-                  unembed_bias: Float[Tensor, " row"], n_suffix: int,
-                  edit: SiteEdit = _no_edit) -> Float[Tensor, " row"]:
+                  unembed_bias: Float[Tensor, " row"], n_suffix: int, edit: SiteEdit = _no_edit,
+                  narrow: bool = False) -> Float[Tensor, " row"]:
     """Steps 1–5: the logit difference of each row's patched run (patches applied by ``edit`` in block
     ``layer``), computing positions ``p0 … p0 + n_suffix − 1`` only. ``answer_pos`` is absolute and must lie
-    in the suffix."""
+    in the suffix. ``narrow``: the patches change block ``layer``'s output at ``p0`` only (a query, pattern
+    row or cell, head output, attention/MLP output or mid residual at one position), so that block runs on
+    position ``p0`` alone and the next block starts from the cached residual stream with ``p0`` replaced."""
     fw = fused(w)
     H, E = w.n_heads, w.d_head
     R, S = prompt.shape[0], n_suffix
     rows = torch.arange(R, device=prompt.device)
     ans = answer_pos - p0  # answer index inside the suffix
-    # Step 1: the unpatched residual stream entering block `layer`, suffix positions only.
-    resid = cache.resid_pre[layer][prompt, p0:p0 + S]
-    keys_pos = torch.arange(p0 + S, device=prompt.device)
-    causal = keys_pos[None, :] > (p0 + torch.arange(S, device=prompt.device))[:, None]  # [S, p0+S]
-    scale = math.sqrt(E)
-    for L in range(layer, w.n_layers):
-        here = L == layer
-        if here:  # Step 3: patches at this block's sites
-            resid = edit("resid_pre", resid)
-        x = _ln(resid, w.ln1_w[L], w.ln1_b[L], w.eps)
-        qkv = (x @ fw.W_qkv[L] + fw.b_qkv[L]).view(R, S, 3, H, E)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if here:
-            q, k, v = edit("head_q", q), edit("head_k", k), edit("head_v", v)
-        # Step 2: keys and values of the unchanged prefix come from the run's cache.
-        if p0 > 0:
-            k = torch.cat([cache.k[L][prompt, :p0], k], dim=1)
-            v = torch.cat([cache.v[L][prompt, :p0], v], dim=1)
-        if L == w.n_layers - 1 and not here:
-            # Step 4: the last block at the answer position only.
-            q_a = q[rows, ans]  # [R H E]
-            scores = torch.einsum("rhe,rkhe->rhk", q_a, k) / scale
-            scores = scores.masked_fill(causal[ans][:, None, :], torch.finfo(scores.dtype).min)
+    last = w.n_layers - 1
+    # Step 1: the unpatched residual stream entering the first block that must run, suffix positions only.
+    if narrow and layer < last:
+        at_p0 = _block(w, fw, cache, layer, p0, prompt, cache.resid_pre[layer][prompt, p0:p0 + 1], edit)
+        resid = cache.resid_pre[layer + 1][prompt, p0:p0 + S]
+        resid[:, :1] = at_p0
+        first = layer + 1
+    else:
+        resid = cache.resid_pre[layer][prompt, p0:p0 + S]
+        first = layer
+    for L in range(first, w.n_layers):
+        if L == last and L != layer:
+            # Step 4: the last block at the answer position only (keys/values still over the whole suffix).
+            x = _ln(resid, w.ln1_w[L], w.ln1_b[L], w.eps)
+            kv = (x @ fw.W_qkv[L][:, H * E:] + fw.b_qkv[L][H * E:]).view(R, S, 2, H, E)
+            k, v = kv[:, :, 0], kv[:, :, 1]
+            if p0 > 0:
+                k = torch.cat([cache.k[L][prompt, :p0], k], dim=1)
+                v = torch.cat([cache.v[L][prompt, :p0], v], dim=1)
+            q_a = (x[rows, ans] @ fw.W_qkv[L][:, :H * E] + fw.b_qkv[L][:H * E]).view(R, H, E)
+            scores = torch.einsum("rhe,rkhe->rhk", q_a, k) / math.sqrt(E)
+            scores = scores.masked_fill(_causal(p0, S, resid.device)[ans][:, None, :], torch.finfo(scores.dtype).min)
             z = torch.einsum("rhk,rkhe->rhe", scores.softmax(-1), v)
             mid = resid[rows, ans] + z.reshape(R, H * E) @ fw.W_O[L] + w.b_O[L]
             final = mid + _mlp(w, L, mid)
             break
-        scores = torch.einsum("rqhe,rkhe->rhqk", q, k) / scale
-        scores = scores.masked_fill(causal, torch.finfo(scores.dtype).min)
-        pattern = scores.softmax(-1)
-        if here:
-            pattern = edit("head_pattern", pattern)
-        z = torch.einsum("rhqk,rkhe->rqhe", pattern, v)
-        if here:
-            z = edit("head_out", z)
-        attn = z.reshape(R, S, H * E) @ fw.W_O[L] + w.b_O[L]
-        if here:
-            attn = edit("attn_out", attn)
-        resid = resid + attn
-        if here:
-            resid = edit("resid_mid", resid)
-        mlp = _mlp(w, L, resid)
-        if here:
-            mlp = edit("mlp_out", mlp)
-        resid = resid + mlp
+        # Steps 2–3: a block on the suffix, patched when it is the patched block.
+        resid = _block(w, fw, cache, L, p0, prompt, resid, edit if L == layer else None)
     else:
         final = resid[rows, ans]
     # Step 5: the logit difference without the full unembedding.

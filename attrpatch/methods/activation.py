@@ -20,13 +20,16 @@ Algorithm (per direction):
 2. List every (patch, prompt) row that can change the metric. A row is dropped, with score exactly 0, when
    its position lies after the prompt's answer position (causality: padding and later tokens never reach
    the metric) or when the source equals the run at every patched element (then the patched run *is* the
-   unpatched run; on IOI this removes every position before the first corrupted token).
-3. Sort the rows by (layer L, first patched position p0; p0 = 0 when all positions are patched) and cut each
-   group into chunks of at most ``cfg.max_rows`` rows: many patches × prompts stacked along the batch axis.
+   unpatched run; on IOI this removes every position before the first corrupted token). A row's first
+   changed position ``p0`` is its position, or, when it patches all positions, the first position where
+   source and run differ (earlier positions are written with the values they already have).
+3. Sort the rows by (layer L, p0, narrow) and cut each group into chunks of at most ``cfg.max_rows`` rows:
+   many patches × prompts stacked along the batch axis. *Narrow* rows change block L's output at ``p0``
+   only (a query, pattern row or cell, head output, attention/MLP output, mid residual at one position).
 4. Run each chunk with ``patching_engine.suffix_metric``: restart at block L from the cached residual
-   stream, compute only positions ``p0 …`` (earlier keys/values from the cache), apply every row's patch at
-   its site in block L with one vectorised index assignment per (granularity present), compute the last
-   block and the logit difference at the answer position only.
+   stream, compute only positions ``p0 …`` (earlier keys/values from the cache; block L on ``p0`` alone for
+   narrow rows), apply every row's patch at its site in block L with one vectorised index assignment per
+   granularity present, compute the last block and the logit difference at the answer position only.
 5. Subtract the unpatched metric and scatter the rows into one dense tensor per granularity (no ``.item()``).
 
 Granularities (names of TransformerLens' ``get_act_patch_<name>``; output component and axes):
@@ -142,20 +145,26 @@ def _site_stack(acts: dict[tuple[str, int], Tensor], kind: str, n_layers: int) -
     return torch.stack([acts[(kind, layer)] for layer in range(n_layers)])
 
 
-def _needed(g: Granularity, run: Tensor, src: Tensor, valid_pos: Tensor) -> Tensor:
+def _needed(g: Granularity, run: Tensor, src: Tensor, valid_pos: Tensor) -> tuple[Tensor, Tensor | None]:
     """Step 2: bool over the granularity's grid (axes ``g.axes``): can this patch change this prompt's metric?
+    For all-position patches also the first position where source and run differ (where the patch starts).
 
     ``run``/``src`` are the stacked site tensors ``[layer prompt …]``; ``valid_pos[n, p]`` = p ≤ answer_pos[n].
     """
     if g.kind == "head_pattern":  # [L N H dest src]
         diff = (run != src).permute(1, 0, 2, 3, 4) & valid_pos[:, None, None, :, None]
-        return {"dest_src": diff, "by_pos": diff.any(-1), "all_pos": diff.any(-1).any(-1)}[g.scope]
-    diff = (run != src).any(-1)  # [L N P] or [L N P H]
-    if g.kind in POS_KINDS:
-        diff = diff.permute(1, 0, 2) & valid_pos[:, None, :]  # [N L P]
+        if g.scope == "dest_src":
+            return diff, None
+        diff = diff.any(-1)  # [N L H dest]
     else:
-        diff = diff.permute(1, 0, 3, 2) & valid_pos[:, None, None, :]  # [N L H P]
-    return diff if g.scope == "by_pos" else diff.any(-1)
+        diff = (run != src).any(-1)  # [L N P] or [L N P H]
+        if g.kind in POS_KINDS:
+            diff = diff.permute(1, 0, 2) & valid_pos[:, None, :]  # [N L P]
+        else:
+            diff = diff.permute(1, 0, 3, 2) & valid_pos[:, None, None, :]  # [N L H P]
+    if g.scope == "by_pos":
+        return diff, None
+    return diff.any(-1), diff.int().argmax(-1)  # argmax of a bool row: its first True
 
 
 @dataclass
@@ -168,16 +177,25 @@ class _Rows:
     head: Int[Tensor, " row"]
     pos: Int[Tensor, " row"]
     src: Int[Tensor, " row"]
-    p0: Int[Tensor, " row"]  # first patched position: pos, or 0 when every position is patched
+    p0: Int[Tensor, " row"]  # first position the patch changes: pos, or (all positions) the first that differs
+    narrow: Tensor  # bool: the patch changes its block's output at p0 only (see suffix_metric)
 
     def take(self, idx: Tensor) -> _Rows:
-        return _Rows(*(getattr(self, f)[idx] for f in ("g", "n", "layer", "head", "pos", "src", "p0")))
+        return _Rows(*(getattr(self, f)[idx] for f in _FIELDS))
 
 
-def _rows(grans: tuple[Granularity, ...], needed: list[Tensor]) -> _Rows:
+_FIELDS = ("g", "n", "layer", "head", "pos", "src", "p0", "narrow")
+# Kinds whose by-position patch changes only the output of its own block at that position (a query, a
+# pattern row/cell, a head output, an attention/MLP output, the mid residual); resid_pre, keys and values
+# also change what later positions read in the same block.
+NARROW_KINDS = ("head_q", "head_pattern", "head_out", "attn_out", "resid_mid", "mlp_out")
+
+
+def _rows(grans: tuple[Granularity, ...], needed: list[Tensor], first_diff: list[Tensor | None],
+          n_layers: int) -> _Rows:
     """Step 2: the coordinates of every needed row of every granularity, as one table."""
-    cols: dict[str, list[Tensor]] = {f: [] for f in ("g", "n", "layer", "head", "pos", "src", "p0")}
-    for i, (g, need) in enumerate(zip(grans, needed, strict=True)):
+    cols: dict[str, list[Tensor]] = {f: [] for f in _FIELDS}
+    for i, (g, need, first) in enumerate(zip(grans, needed, first_diff, strict=True)):
         coords = dict(zip(g.axes, need.nonzero().unbind(1), strict=True))
         zero = torch.zeros_like(coords["prompt"])
         cols["g"].append(torch.full_like(zero, i))
@@ -186,32 +204,38 @@ def _rows(grans: tuple[Granularity, ...], needed: list[Tensor]) -> _Rows:
         cols["head"].append(coords.get("head", zero))
         cols["pos"].append(coords.get("pos", zero))
         cols["src"].append(coords.get("src_pos", zero))
-        cols["p0"].append(coords.get("pos", zero))
-    return _Rows(*(torch.cat(cols[f]) for f in ("g", "n", "layer", "head", "pos", "src", "p0")))
+        if g.scope == "all_pos":
+            cols["p0"].append(first[tuple(coords[a] for a in g.axes)])
+            cols["narrow"].append(torch.zeros_like(zero, dtype=torch.bool))
+        else:
+            cols["p0"].append(coords["pos"])
+            cols["narrow"].append((coords["layer"] < n_layers - 1) & (g.kind in NARROW_KINDS))
+    return _Rows(*(torch.cat(cols[f]) for f in _FIELDS))
 
 
-def _chunks(rows: _Rows, n_pos: int, max_rows: int) -> list[tuple[int, int, Tensor]]:
-    """Step 3: (layer, p0, row indices) per chunk: rows grouped by (layer, p0), at most ``max_rows`` each."""
-    key = rows.layer * (n_pos + 1) + rows.p0
+def _chunks(rows: _Rows, n_pos: int, max_rows: int) -> list[tuple[int, int, bool, Tensor]]:
+    """Step 3: (layer, p0, narrow, row indices) per chunk: rows grouped by (layer, p0, narrow), at most
+    ``max_rows`` each."""
+    key = (rows.layer * (n_pos + 1) + rows.p0) * 2 + rows.narrow.long()
     order = torch.sort(key, stable=True).indices
     groups, counts = torch.unique_consecutive(key[order], return_counts=True)
-    out: list[tuple[int, int, Tensor]] = []
+    out: list[tuple[int, int, bool, Tensor]] = []
     start = 0
     for k, c in zip(groups.tolist(), counts.tolist(), strict=True):
+        layer, p0, narrow = k // 2 // (n_pos + 1), k // 2 % (n_pos + 1), bool(k % 2)
         for lo in range(start, start + c, max_rows):
-            out.append((k // (n_pos + 1), k % (n_pos + 1), order[lo:min(lo + max_rows, start + c)]))
+            out.append((layer, p0, narrow, order[lo:min(lo + max_rows, start + c)]))
         start += c
     return out
 
 
-def _patcher(grans: tuple[Granularity, ...], chunk: _Rows, layer: int, p0: int, n_suffix: int,
-             src: dict[str, Tensor]):
-    """Step 4: the edit of block ``layer`` that writes every row's source value at its own site."""
+def _patcher(grans: tuple[Granularity, ...], chunk: _Rows, layer: int, p0: int, src: dict[str, Tensor]):
+    """Step 4: the edit of block ``layer`` that writes every row's source value at its own site (tensors in
+    suffix coordinates: position ``p0`` is index 0)."""
     present = torch.unique(chunk.g).tolist()
     by_site: dict[str, list[tuple[Granularity, Tensor]]] = {}
     for i in present:
         by_site.setdefault(grans[i].kind, []).append((grans[i], (chunk.g == i).nonzero()[:, 0]))
-    S = n_suffix
 
     def edit(site: str, x: Tensor) -> Tensor:
         for g, idx in by_site.get(site, ()):
@@ -221,18 +245,18 @@ def _patcher(grans: tuple[Granularity, ...], chunk: _Rows, layer: int, p0: int, 
                 if g.scope == "by_pos":
                     x[idx, 0] = s_l[n, p0]
                 else:
-                    x[idx] = s_l[n, :S]
+                    x[idx] = s_l[n, p0:p0 + x.shape[1]]
             elif g.kind != "head_pattern":  # x [R S H E], s_l [N P H E]
                 if g.scope == "by_pos":
                     x[idx, 0, h] = s_l[n, p0, h]
                 else:
-                    x[idx, :, h] = s_l[n, :S, h]
+                    x[idx, :, h] = s_l[n, p0:p0 + x.shape[1], h]
             elif g.scope == "by_pos":  # x [R H S p0+S], s_l [N H P P]
-                x[idx, h, 0] = s_l[n, h, p0, :p0 + S]
+                x[idx, h, 0] = s_l[n, h, p0, :x.shape[3]]
             elif g.scope == "dest_src":
                 x[idx, h, 0, chunk.src[idx]] = s_l[n, h, p0, chunk.src[idx]]
             else:
-                x[idx, h] = s_l[n, h, :S, :S]
+                x[idx, h] = s_l[n, h, p0:x.shape[3], :x.shape[3]]
         return x
 
     return edit
@@ -258,18 +282,18 @@ def patch_scores(w: Weights, run_tokens: Int[Tensor, "prompt pos"], src_tokens: 
     u_bias = w.b_U[ans_ids] - w.b_U[wrong_ids]
     # Step 2: the rows that can change the metric.
     valid_pos = torch.arange(P, device=device)[None, :] <= answer_pos[:, None]
-    needed = [_needed(g, run_stack[g.kind], src_stack[g.kind], valid_pos) for g in grans]
-    rows = _rows(grans, needed)
+    needed, first_diff = zip(*(_needed(g, run_stack[g.kind], src_stack[g.kind], valid_pos) for g in grans),
+                             strict=True)
+    rows = _rows(grans, list(needed), list(first_diff), w.n_layers)
     log.info("activation patching: %d of %d (patch, prompt) rows can change the metric", rows.n.numel(),
              sum(x.numel() for x in needed))
     # Steps 3–4: chunked suffix forwards.
     row_scores = torch.zeros(rows.n.numel(), device=device)
-    for layer, p0, idx in _chunks(rows, P, max_rows):
+    for layer, p0, narrow, idx in _chunks(rows, P, max_rows):
         chunk = rows.take(idx)
         n_suffix = int(answer_pos[chunk.n].max()) + 1 - p0
-        edit = _patcher(grans, chunk, layer, p0, n_suffix, src_stack)
         metric = suffix_metric(w, cache, layer, p0, chunk.n, answer_pos[chunk.n], u_dir[chunk.n],
-                               u_bias[chunk.n], n_suffix, edit)
+                               u_bias[chunk.n], n_suffix, _patcher(grans, chunk, layer, p0, src_stack), narrow)
         row_scores[idx] = metric - base[chunk.n]
     # Step 5: scatter into dense tensors (rows not run keep their exact score 0).
     out = []

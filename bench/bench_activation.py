@@ -1,0 +1,122 @@
+"""Exhaustive activation patching, every TransformerLens granularity: attrpatch vs TransformerLens 4.3 ``patching``.
+
+    .venv/bin/python bench/bench_activation.py                 # GPT-2-small shape, batch 8 IOI prompts of 15 tokens
+    .venv/bin/python bench/bench_activation.py --tl-cells 0    # time TL on every cell (hours on 2 CPUs)
+
+A random GPT-2 with GPT-2 small's shape (12 layers, d_model 768, 12 heads, real vocabulary) is saved to a
+temporary directory and loaded with ``attrpatch.load_model``; the batch is the eight ``ioi_seed8`` prompts
+(15 tokens each), direction ``denoise`` (TL's). For each granularity we time ``run_method("activation")``
+on the whole grid, and TransformerLens' ``get_act_patch_<name>`` (``reduce="none"``, per prompt) on the
+bridge. TL runs one full forward per cell, and a full grid takes over an hour here, so by default TL is
+timed on ``--tl-cells`` random cells per granularity (via TL's own ``index_df``) and its time per cell is
+multiplied by the number of cells in TL's grid: the TL column is then an extrapolation, and the output says
+so. TL's results on those cells are compared with ours (max |difference| printed; must be < 1e-4).
+The composites (``block_every``, ``attn_head_*_every``) call their parts in TL; their rows are sums.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import pandas as pd
+import torch
+from transformer_lens import patching
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from attrpatch import load_model, make_batch
+from attrpatch.methods import MethodConfig, run_method
+from attrpatch.methods.activation import COMPOSITES, GRANULARITIES
+from attrpatch.metrics import logit_diff
+
+# TL's grid axes in TL's index order, in our axis names.
+TL_AXES = {
+    **{k: ("layer", "pos") for k in ("resid_pre", "resid_mid", "attn_out", "mlp_out")},
+    **{f"attn_head_{t}_by_pos": ("layer", "pos", "head") for t in ("out", "q", "k", "v")},
+    **{f"attn_head_{t}_all_pos": ("layer", "head") for t in ("out", "q", "k", "v", "pattern")},
+    "attn_head_pattern_by_pos": ("layer", "head", "pos"),
+    "attn_head_pattern_dest_src_pos": ("layer", "head", "pos", "src_pos"),
+}
+
+
+def random_gpt2_small(path: str) -> str:
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=12, n_head=12, n_embd=768)).eval().save_pretrained(path)
+    return path
+
+
+def time_ours(model, batch, names, max_rows) -> tuple[float, dict]:
+    cfg = MethodConfig(directions=("denoise",), max_rows=max_rows, extra={"granularities": tuple(names)})
+    t0 = time.perf_counter()
+    result = run_method("activation", model, batch, cfg)
+    return time.perf_counter() - t0, result
+
+
+def time_tl(model, batch, clean_cache, name, n_cells, gen) -> tuple[float, int, pd.DataFrame, torch.Tensor]:
+    """TL on ``n_cells`` random cells of its grid (all when 0): (seconds per cell, grid size, cells, effect)."""
+    axes = TL_AXES[name]
+    sizes = {"layer": model.bridge.cfg.n_layers, "head": model.bridge.cfg.n_heads, "pos": batch.n_pos,
+             "src_pos": batch.n_pos}
+    shape = [sizes[a] for a in axes]
+    total = int(torch.tensor(shape).prod())
+    flat = torch.randperm(total, generator=gen)[:n_cells] if n_cells else torch.arange(total)
+    cells = torch.stack(torch.unravel_index(flat, shape), 1)
+    df = pd.DataFrame(cells.numpy(), columns=list(axes))
+    fn = getattr(patching, f"get_act_patch_{name}")
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        res = fn(model.bridge, batch.corrupt_tokens, clean_cache, lambda logits: logit_diff(logits, batch),
+                 index_axis_names=None, index_df=df, reduce="none", baseline=True)
+        per_cell = (time.perf_counter() - t0) / len(df)
+    return per_cell, total, df, res.effect().T  # [prompt, cell]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tl-cells", type=int, default=24, help="TL cells timed per granularity (0 = every cell)")
+    ap.add_argument("--max-rows", type=int, default=256, help="attrpatch rows per forward (MethodConfig.max_rows)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0 = torch default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = load_model(random_gpt2_small(tmp))
+    batch = make_batch("ioi_seed8", model.tokenizer, n_prompts=8, seed=0)
+    print(f"model: random GPT-2 small shape (12 layers, d_model 768, 12 heads); batch {len(batch)} prompts x "
+          f"{batch.n_pos} tokens; direction denoise; torch threads {torch.get_num_threads()}")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        _, clean_cache = model.bridge.run_with_cache(batch.clean_tokens)
+    run_method("activation", model, batch.select([0]),  # warm-up (weights extraction, allocator)
+               MethodConfig(extra={"granularities": ("attn_head_q_all_pos",)}))
+
+    rows = []
+    worst = 0.0
+    for name in TL_AXES:
+        ours_s, result = time_ours(model, batch, [name], args.max_rows)
+        per_cell, total, df, tl_effect = time_tl(model, batch, clean_cache, name, args.tl_cells, gen)
+        scores = result.nodes[0].scores
+        g_axes = GRANULARITIES[name].axes[1:]
+        idx = tuple(torch.as_tensor(df[a].to_numpy()) for a in g_axes)
+        err = float((scores[(slice(None), *idx)] - tl_effect).abs().max())
+        worst = max(worst, err)
+        rows.append((name, total, per_cell * total, ours_s, err))
+        print(f"{name:32s} cells {total:6d}  TL {per_cell * total:9.1f} s  ours {ours_s:7.2f} s  "
+              f"ratio {per_cell * total / ours_s:7.1f}x  max|ours-TL| {err:.1e}", flush=True)
+    times = {r[0]: r for r in rows}
+    for comp, parts in COMPOSITES.items():
+        tl_s = sum(times[p][2] for p in parts)
+        ours_s = sum(times[p][3] for p in parts)
+        print(f"{comp:32s} (sum of parts)       TL {tl_s:9.1f} s  ours {ours_s:7.2f} s  ratio {tl_s / ours_s:7.1f}x")
+    all_s, _ = time_ours(model, batch, list(TL_AXES), args.max_rows)
+    tl_total = sum(r[2] for r in rows)
+    note = ("TL times extrapolated from " + f"{args.tl_cells} random cells per granularity"
+            if args.tl_cells else "TL timed on every cell")
+    print(f"TOTAL all {len(TL_AXES)} TL granularities: TL {tl_total:.1f} s ({note}); ours in one call {all_s:.2f} s "
+          f"(sum of separate calls {sum(r[3] for r in rows):.2f} s); ratio {tl_total / all_s:.1f}x")
+    print(f"equal results: max |ours - TL| over the timed TL cells = {worst:.1e} ({'OK' if worst < 1e-4 else 'FAIL'})")
+
+
+if __name__ == "__main__":
+    main()
