@@ -224,7 +224,10 @@ def _dispatch(cfg: SweepConfig, root: ResultsRoot, models: list[ModelEntry], tod
             t_first = t_first or time.perf_counter()
 
     def release(model: str) -> None:
+        """The model's cells are all done: free its workers (and forget those still starting)."""
         pool = pools[model]
+        for ref in [r for r, what in pending.items() if what[1] == model]:
+            del pending[ref]
         for actor in pool.actors:
             ray.kill(actor, no_restart=True)
         pool.actors, pool.live = [], set()

@@ -72,6 +72,7 @@ def check(overrides: list[str]) -> SweepConfig:
     """Compose, convert and validate one job's config (no Ray, no model loads)."""
     from hydra import compose, initialize_config_dir
 
+    register_schema()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     sweep = from_dictconfig(cfg)
@@ -81,16 +82,22 @@ def check(overrides: list[str]) -> SweepConfig:
 
 def one_line(e: BaseException) -> str:
     """A config error as one line: Hydra's / OmegaConf's message, the key, and a close match if any."""
+    from hydra.errors import MissingConfigException
+
+    for x in _chain(e):
+        if isinstance(x, MissingConfigException) and x.options:
+            return f"{str(x).splitlines()[0].rstrip('.')}: use one of {', '.join(sorted(x.options))}"
     parts, seen = [], set()
     cur: BaseException | None = e
     while cur is not None:
         for line in str(cur).splitlines():
             line = line.strip()
-            if line and line not in seen and not line.startswith(("object_type=", "reference_type=")):
+            if line and line not in seen and "$VALUE" not in line and not line.startswith(
+                    ("object_type=", "reference_type=", "full_key:", "To append to your config")):
                 seen.add(line)
-                parts.append(line)
+                parts.append(line.rstrip("."))
         cur = cur.__cause__ or cur.__context__
-    text = "; ".join(parts) or type(e).__name__
+    text = ": ".join(parts) or type(e).__name__
     full_key = next((k for k in (getattr(x, "full_key", None) for x in _chain(e)) if k), None)
     if full_key and ("not in struct" in text or "not in '" in text):
         hint = _did_you_mean(str(full_key))
