@@ -226,6 +226,9 @@ def schema_node():
                 child._set_flag("readonly", None)
 
     unfreeze(node)
+    # free-form maps: `method.overrides.eap_ig.ig_steps=10` and `method.extra.k=v` need no leading `+`
+    OmegaConf.set_struct(node.method.overrides, False)
+    OmegaConf.set_struct(node.method.extra, False)
     return node
 
 
