@@ -65,7 +65,7 @@ def ckpt(tmp_path_factory):
     (dict(models=("gpt2-tiny",), model=ModelOptions()), "unknown model 'gpt2-tiny'"),
     (dict(models=("/nonexistent/ckpt",), model=ModelOptions()), "does not exist"),
     (dict(task=TaskOptions(corruption="swap")), "not a corruption of task 'ioi'"),
-    (dict(method=MethodOptions(overrides={"dla": {"ig_steps": 3}})), "not in methods"),
+    (dict(method=MethodOptions(overrides={"dlaa": {"ig_steps": 3}})), "unknown method 'dlaa'"),
     (dict(methods=("activation",), method=MethodOptions(overrides={"activation": {"ig_step": 3}})),
      "unknown fields"),
     (dict(methods=("activation",), method=MethodOptions(overrides={"activation": {"ig_steps": 0}})),
