@@ -16,7 +16,7 @@ the demo); ``noise`` runs the clean prompt and patches corrupted activations (as
 3. One backward for everything: ``g = torch.autograd.grad(Σ_prompts metric, [all sites])``. Prompts do
    not interact, so the gradient of the sum is each prompt's own gradient; positions after a prompt's
    answer position get ``g = 0`` by causality (padding never scores).
-4. Score, one einsum per kind over layers, prompts, heads and positions at once:
+4. Score, one einsum per kind and layer over prompts, heads and positions at once:
 
        AtP(node) = Σ_d  g[..., d] · (a_patch − a_run)[..., d]
                  ≈ metric(run with a_patch at node) − metric(run)      (first-order Taylor)
@@ -110,13 +110,26 @@ def stack_sites(acts: dict[tuple[str, int], Tensor], kind: str, n_layers: int) -
     return torch.stack([acts[(kind, layer)] for layer in range(n_layers)])
 
 
-# Step 4: one contraction per kind. Output axes: prompt, [layer], [head], pos, [src_pos].
+# Step 4: one contraction per kind (per layer; the layer results are stacked). Output axes:
+# prompt, [layer], [head], pos, [src_pos].
 _EINSUM = {
     **{k: ("bpd,bpd->bp", ("prompt", "pos")) for k in EMBED_KINDS},
-    **{k: ("lbpd,lbpd->blp", ("prompt", "layer", "pos")) for k in D_MODEL_KINDS},
-    **{k: ("lbphe,lbphe->blhp", ("prompt", "layer", "head", "pos")) for k in HEAD_VECTOR_KINDS},
-    "head_pattern": ("lbhqk,lbhqk->blhqk", ("prompt", "layer", "head", "pos", "src_pos")),
+    **{k: ("bpd,bpd->bp", ("prompt", "layer", "pos")) for k in D_MODEL_KINDS},
+    **{k: ("bphe,bphe->bhp", ("prompt", "layer", "head", "pos")) for k in HEAD_VECTOR_KINDS},
+    "head_pattern": ("bhqk,bhqk->bhqk", ("prompt", "layer", "head", "pos", "src_pos")),
 }
+
+
+def contract(kind: str, grads: dict, run: dict, patch: dict, n_layers: int) -> tuple[Tensor, tuple[str, ...]]:
+    """Step 4 for one kind: Σ_d g · (a_patch − a_run) for every prompt, layer, head and position.
+
+    Layer by layer (stacking the inputs first would copy every activation once more)."""
+    spec, axes = _EINSUM[kind]
+    if kind in EMBED_KINDS:
+        return torch.einsum(spec, grads[(kind, 0)], patch[(kind, 0)] - run[(kind, 0)]), axes
+    per_layer = [torch.einsum(spec, grads[(kind, layer)], patch[(kind, layer)] - run[(kind, layer)])
+                 for layer in range(n_layers)]
+    return torch.stack(per_layer, dim=1), axes
 
 
 def atp_scores(w: Weights, batch: PromptBatch, kinds: tuple[str, ...] = ATP_KINDS,
@@ -148,11 +161,7 @@ def atp_scores(w: Weights, batch: PromptBatch, kinds: tuple[str, ...] = ATP_KIND
         for d in directions:
             run, patch = run_of[d], ("clean" if run_of[d] == "corrupt" else "corrupt")
             for kind in kinds:  # step 4
-                a_run = stack_sites(acts[run].acts, kind, w.n_layers)
-                a_patch = stack_sites(acts[patch].acts, kind, w.n_layers)
-                g = stack_sites(grads[run], kind, w.n_layers)
-                spec, axes = _EINSUM[kind]
-                out[(d, kind)] = (torch.einsum(spec, g, a_patch - a_run), axes)
+                out[(d, kind)] = contract(kind, grads[run], acts[run].acts, acts[patch].acts, w.n_layers)
     return out
 
 

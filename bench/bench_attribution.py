@@ -1,0 +1,184 @@
+"""Attribution patching of every node kind: attrpatch vs TransformerLens 4.3 ``attribution_patch`` vs the floor.
+
+    .venv/bin/python bench/bench_attribution.py              # GPT-2-small shape, batch 8 (ioi_seed8, 15 tokens)
+    .venv/bin/python bench/bench_attribution.py --repeats 3 --threads 2
+
+A random GPT-2 with GPT-2 small's shape (12 layers, d_model 768, 12 heads, real vocabulary) is saved to a
+temporary directory and loaded with ``attrpatch.load_model``; the batch is the eight ``ioi_seed8`` prompts.
+Timed, each the median of ``--repeats`` runs in this process:
+
+(a) ours: ``run_method("attribution")`` — all 12 node kinds (embed … head_pattern), per prompt and
+    position, direction ``denoise``;
+(b) TransformerLens: ``attribution_patch(granularity="node")`` on the bridge over the same 8 pairs (it
+    scores embed, every head's z and every mlp_out, per position; it loops over prompts internally, and
+    here it is called once per prompt so each call gets its own answer tokens — the same work);
+(c) the floor: forward(clean, no grad) + forward(corrupted) + one backward to the embeddings, with no
+    scoring at all, measured on the bridge (``hook_embed`` is the gradient target) and on
+    ``attrpatch.engine``. The "vs floor" goal uses the engine floor, the faster (stricter) of the two.
+
+The runs are interleaved (floor, ours, bridge floor; then ours, TL) round after round, and each ratio is
+the median of the per-round ratios, so a shared machine's changing load affects both sides alike.
+
+Both libraries' scores are compared on what they share (max |difference| printed). Ratios are measured in
+this run on a machine that may be shared: compare them, not the absolute seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from contextlib import contextmanager
+
+import torch
+from transformer_lens.tools.analysis.attribution_patching import attribution_patch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from attrpatch import load_model, make_batch
+from attrpatch.components import hook_name
+from attrpatch.engine import forward, weights
+from attrpatch.methods import MethodConfig, run_method
+from attrpatch.methods.attribution import engine_logit_diff
+
+
+def random_gpt2_small(path: str) -> str:
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=12, n_head=12, n_embd=768)).eval().save_pretrained(path)
+    return path
+
+
+def timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def interleaved(fns: dict, rounds: int) -> tuple[dict[str, list[float]], dict]:
+    """Run every function once per round, round after round, so that a shared machine's changing load
+    hits all of them alike; ratios are then taken within a round."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    outs = {}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t, outs[name] = timed(fn)
+            times[name].append(t)
+    return times, outs
+
+
+@contextmanager
+def grad_through(bridge):
+    """TL's attribution code needs a graph and our loader freezes the weights; undone in finally.
+    Gradients are taken with torch.autograd.grad w.r.t. activations only, so no weight gradient is computed."""
+    params = list(bridge.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+
+
+def ours(model, batch):
+    return run_method("attribution", model, batch, MethodConfig(directions=("denoise",)))
+
+
+def tl(model, batch):
+    scores = []
+    with grad_through(model.bridge):
+        for i in range(len(batch)):
+            ap, a, wr = int(batch.answer_pos[i]), int(batch.answer_ids[i]), int(batch.wrong_ids[i])
+            res = attribution_patch(model.bridge, batch.clean_tokens[i:i + 1], batch.corrupt_tokens[i:i + 1],
+                                    lambda lg, ap=ap, a=a, wr=wr: lg[0, ap, a] - lg[0, ap, wr])
+            scores.append(res.node_scores)
+    return scores
+
+
+def floor_engine(model, batch):
+    w = weights(model)
+    with torch.no_grad():
+        forward(w, batch.clean_tokens, batch.answer_pos)
+    leaf = {}
+
+    def edit(kind, layer, x):
+        if kind == "embed":
+            x = leaf["embed"] = x.detach().requires_grad_(True)
+        return x
+
+    logits = forward(w, batch.corrupt_tokens, batch.answer_pos, edit)
+    return torch.autograd.grad(engine_logit_diff(logits, batch).sum(), [leaf["embed"]])
+
+
+def floor_bridge(model, batch):
+    bridge = model.bridge
+    rows = torch.arange(len(batch))
+    with torch.no_grad():
+        bridge(batch.clean_tokens)
+    live = {}
+
+    def capture(t, hook):
+        live["embed"] = t
+
+    with grad_through(bridge), bridge.hooks(fwd_hooks=[(hook_name("embed"), capture)]):
+        final = bridge(batch.corrupt_tokens)[rows, batch.answer_pos]
+        metric = final[rows, batch.answer_ids] - final[rows, batch.wrong_ids]
+        return torch.autograd.grad(metric.sum(), [live["embed"]])
+
+
+def compare(result, tl_scores) -> tuple[float, float, int]:
+    """Max |ours − TL| over the shared nodes, the largest |score|, and how many nodes were compared."""
+    by = {n.component: n.scores for n in result.nodes}
+    diff, top, count = 0.0, 0.0, 0
+    for i, node_scores in enumerate(tl_scores):
+        for node, value in node_scores.items():
+            if node.kind == "embed":
+                mine = by["embed"][i, node.position]
+            elif node.kind == "mlp_out":
+                mine = by["mlp_out"][i, node.layer, node.position]
+            else:
+                mine = by["head_out"][i, node.layer, node.head, node.position]
+            diff, top, count = max(diff, abs(float(mine) - value)), max(top, abs(value)), count + 1
+    return diff, top, count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    parser.add_argument("--tl-repeats", type=int, default=3, help="timed TL runs (each is 8 prompts)")
+    # One thread: on a CPU shared with other jobs, two-thread ops wait on each other and the same forward
+    # varied 6-19 s between runs here; one thread ran it in 1.9 s +- 5%.
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = load_model(random_gpt2_small(tmp))
+    batch = make_batch("ioi_seed8", model.tokenizer, n_prompts=8)
+    print(f"model: 12 layers, d_model 768, 12 heads; batch {len(batch)} x {batch.n_pos} tokens; "
+          f"torch threads {torch.get_num_threads()}")
+    ours(model, batch), floor_engine(model, batch), floor_bridge(model, batch)  # warm-up
+    fast, outs = interleaved({"engine": lambda: floor_engine(model, batch), "ours": lambda: ours(model, batch),
+                              "bridge": lambda: floor_bridge(model, batch)}, args.repeats)
+    slow, tl_outs = interleaved({"ours": lambda: ours(model, batch), "tl": lambda: tl(model, batch)},
+                                args.tl_repeats)
+    diff, top, count = compare(outs["ours"], tl_outs["tl"])
+    med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
+    ratio = lambda a, b, t: statistics.median(x / y for x, y in zip(t[a], t[b], strict=True))  # noqa: E731
+    n_scores = sum(n.scores.numel() for n in outs["ours"].nodes)
+    print(f"medians over {args.repeats} interleaved rounds (TL: {args.tl_repeats} rounds with ours); ratios are "
+          "medians of per-round ratios")
+    print(f"(a) ours, all 12 kinds ({n_scores} scores):  {med(fast['ours']):8.1f} ms")
+    print(f"(b) TransformerLens attribution_patch node:    {med(slow['tl']):8.1f} ms   ({count} scores)")
+    print(f"(c) floor fwd+fwd+bwd, engine:                 {med(fast['engine']):8.1f} ms")
+    print(f"    floor fwd+fwd+bwd, bridge:                 {med(fast['bridge']):8.1f} ms")
+    print(f"speed-up vs TL: {ratio('tl', 'ours', slow):.1f}x   (goal >= 50x)")
+    print(f"ours / engine floor: {ratio('ours', 'engine', fast):.2f}x   (goal <= 1.5x);  "
+          f"ours / bridge floor: {ratio('ours', 'bridge', fast):.2f}x")
+    print(f"agreement with TL on {count} shared scores: max |diff| = {diff:.2e} (largest |score| {top:.2e})")
+    if diff > 1e-4 * max(1.0, top):
+        raise SystemExit("ours and TransformerLens disagree")
+
+
+if __name__ == "__main__":
+    main()
