@@ -1,0 +1,220 @@
+"""Edge attribution patching speed on a GPT-2-small-shaped random model; every ratio is measured in this run.
+
+    .venv/bin/python bench/bench_edges.py                       # the Demo's 8 IOI prompts (15 tokens), all baselines
+    .venv/bin/python bench/bench_edges.py --tl-prompts 2 --loop-fraction 0.25
+
+Baselines, all producing the 32,491 edge scores of the same batch:
+
+* floor: a plain engine forward on the patch input + forward and backward on the run input (no split, no
+  scores): the least any gradient-based edge method can cost.
+* ACDC++ loop: the nested loop of Syed et al.'s ``acdc_nodes(mode="edge")`` (every upstream × downstream
+  component pair, skip the wrong-order ones, one ``(grad · (clean − corrupt)).sum().item()`` per edge) on
+  caches made with TransformerLens hooks on the bridge. With ``--loop-fraction f < 1`` a uniform random f of
+  the pairs is timed and the loop time is divided by f (stated in the output).
+* TransformerLens 4.3 ``attribution_patch(granularity="edge")``, which loops over prompts internally; it is
+  timed on ``--tl-prompts`` prompts and scaled linearly to the batch (stated in the output).
+
+attrpatch's EAP is timed at the default granularity (per prompt and per position) and summed (the ACDC++
+granularity). Timings are medians of ``--repeats`` runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import random
+import resource
+import statistics
+import tempfile
+import time
+
+import torch
+from transformer_lens.tools.analysis.attribution_patching import (
+    EdgeAttributionConfig,
+    _edge_hook_flags,
+    _edge_hook_names,
+    _writer_hook_names,
+    attribution_patch,
+    cache_activation_and_gradient,
+)
+from transformer_lens.tools.analysis.attribution_patching import Node as TLNode
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from attrpatch import load_model, make_batch
+from attrpatch.engine import forward, weights
+from attrpatch.graph import EdgeGraph
+from attrpatch.methods.eap_ig import eap_ig_scores
+from attrpatch.methods.edge_activation import choose_edges, exact_edge_scores
+from attrpatch.methods.edge_attribution import eap_scores
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def metric_rows(logits, batch):
+    rows = torch.arange(len(batch))
+    return logits[rows, batch.answer_ids] - logits[rows, batch.wrong_ids]
+
+
+def floor(w, batch):
+    """forward(patch) + forward(run) + backward, no split, no scores."""
+    with torch.no_grad():
+        forward(w, batch.clean_tokens, batch.answer_pos)
+    leaf = {}
+
+    def edit(kind, layer, x):
+        if kind == "embed":
+            x = x.detach().requires_grad_(True)
+            leaf["x"] = x
+        return x
+
+    with torch.enable_grad():
+        m = metric_rows(forward(w, batch.corrupt_tokens, batch.answer_pos, edit), batch).sum()
+        torch.autograd.grad(m, [leaf["x"]])
+
+
+def with_bridge_grads(model, fn):
+    params = list(model.bridge.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        return fn()
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+
+
+def acdcpp_caches(model, batch):
+    """The three caches of ACDC++'s ``get_3_caches`` (clean, corrupted, gradients), via TL hooks."""
+    n_layers = model.bridge.cfg.n_layers
+
+    def metric(logits):
+        rows = torch.arange(len(batch))
+        final = logits[rows, batch.answer_pos]
+        return (final[rows, batch.answer_ids] - final[rows, batch.wrong_ids]).sum()
+
+    names = _edge_hook_names(n_layers) + _writer_hook_names(n_layers)
+
+    def run():
+        with _edge_hook_flags(model.bridge):
+            clean = cache_activation_and_gradient(model.bridge, batch.clean_tokens, metric, names,
+                                                  compute_gradient=False)
+            corrupt = cache_activation_and_gradient(model.bridge, batch.corrupt_tokens, metric, names)
+        return clean.activations, corrupt.activations, corrupt.gradients
+
+    return with_bridge_grads(model, run)
+
+
+def acdcpp_pairs(n_layers: int, n_heads: int):
+    """ACDC++'s component lists: (hook name, head index or None, layer) for upstream and downstream."""
+    writers = _writer_hook_names(n_layers)
+    up = [(writers[0], None, -1)]
+    down = []
+    for layer in range(n_layers):
+        up += [(writers[1 + 2 * layer], h, layer) for h in range(n_heads)] + [(writers[2 + 2 * layer], None, layer)]
+        for kind in ("q_input", "k_input", "v_input"):
+            down += [(TLNode(kind=kind, position=0, layer=layer, head=h).hook_name, h, layer) for h in range(n_heads)]
+        down.append((TLNode(kind="mlp_in", position=0, layer=layer).hook_name, None, layer))
+    down.append((TLNode(kind="logits", position=0, layer=n_layers - 1).hook_name, None, n_layers))
+    return list(itertools.product(up, down))
+
+
+def acdcpp_loop(caches, pairs) -> int:
+    """The ACDC++ edge loop, literally: skip wrong-order pairs, one product-sum-item per edge."""
+    clean, corrupt, grad = caches
+    results = {}
+    for (u_name, u_head, u_layer), (d_name, d_head, d_layer) in pairs:
+        if u_layer > d_layer:
+            continue
+        if u_layer == d_layer and (u_name.endswith("mlp_out") or d_name.endswith(("q_input", "k_input", "v_input"))):
+            continue
+        u_idx = (slice(None), slice(None), u_head) if u_head is not None else (slice(None),)
+        d_idx = (slice(None), slice(None), d_head) if d_head is not None else (slice(None),)
+        value = (grad[d_name][d_idx] * (clean[u_name][u_idx] - corrupt[u_name][u_idx])).sum()
+        results[(u_name, u_head, d_name, d_head)] = value.item()
+    return len(results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--task", default="ioi_seed8", help="the Demo's 8 IOI prompts: 15 tokens each")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tl-prompts", type=int, default=1, help="prompts TL's edge attribution is timed on")
+    parser.add_argument("--loop-fraction", type=float, default=1.0, help="fraction of ACDC++ pairs timed")
+    parser.add_argument("--exact-subset", type=float, default=0.01, help="edge fraction for exact patching")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        GPT2LMHeadModel(GPT2Config()).save_pretrained(tmp)  # gpt2-small shape: 12 layers, 768 wide, 12 heads
+        model = load_model(tmp)
+    w = weights(model)
+    graph = EdgeGraph.of(w)
+    batch = make_batch(args.task, model.tokenizer, n_prompts=args.prompts, seed=0)
+    print(f"model: random GPT-2 small shape ({w.n_layers} layers, d_model {w.d_model}, {w.n_heads} heads); "
+          f"{len(batch)} {args.task} prompts, {batch.n_pos} positions; {graph.n_edges} edges; "
+          f"torch threads {torch.get_num_threads()}")
+
+    t_floor = timed(lambda: floor(w, batch), args.repeats)
+    t_ours = timed(lambda: eap_scores(w, batch, ("denoise",), per_prompt=True, per_position=True), args.repeats)
+    t_sum = timed(lambda: eap_scores(w, batch, ("denoise",), per_prompt=False, per_position=False), args.repeats)
+    print(f"floor (fwd + fwd + bwd)              {t_floor:8.3f} s")
+    print(f"EAP per prompt & position            {t_ours:8.3f} s   {t_ours / t_floor:5.2f}x the floor")
+    print(f"EAP summed (prompts, positions)      {t_sum:8.3f} s   {t_sum / t_floor:5.2f}x the floor")
+
+    # ACDC++: caches, then the loop (optionally timed on a random fraction of the pairs).
+    t_cache = timed(lambda: acdcpp_caches(model, batch), 1)
+    caches = acdcpp_caches(model, batch)
+    pairs = acdcpp_pairs(w.n_layers, w.n_heads)
+    if args.loop_fraction < 1:
+        pairs = random.Random(0).sample(pairs, int(len(pairs) * args.loop_fraction))
+    t = time.perf_counter()
+    n_scored = acdcpp_loop(caches, pairs)
+    t_loop = (time.perf_counter() - t) / args.loop_fraction
+    t_acdcpp = t_cache + t_loop
+    note = "" if args.loop_fraction >= 1 else f" (timed on {args.loop_fraction:.0%} of the pairs, scaled)"
+    print(f"ACDC++ caches (TL hooks)             {t_cache:8.3f} s")
+    print(f"ACDC++ edge loop ({n_scored} edges scored){note}  {t_loop:8.3f} s")
+    print(f"ACDC++ total                         {t_acdcpp:8.3f} s   EAP summed is {t_acdcpp / t_sum:7.1f}x faster "
+          f"(goal >= 1000x); scoring step alone: loop {t_loop:.3f} s vs "
+          f"{max(t_sum - t_floor, 1e-9):.3f} s above the floor")
+
+    # TransformerLens 4.3 edge attribution, per prompt (it loops over prompts itself), scaled to the batch.
+    k = min(args.tl_prompts, len(batch))
+
+    def tl_run():
+        for i in range(k):
+            ap, a, wr = int(batch.answer_pos[i]), int(batch.answer_ids[i]), int(batch.wrong_ids[i])
+            with_bridge_grads(model, lambda i=i, ap=ap, a=a, wr=wr: attribution_patch(
+                model.bridge, batch.clean_tokens[i:i + 1], batch.corrupt_tokens[i:i + 1],
+                lambda lg: lg[0, ap, a] - lg[0, ap, wr], EdgeAttributionConfig(granularity="edge")))
+
+    t = time.perf_counter()
+    tl_run()
+    t_tl = (time.perf_counter() - t) * len(batch) / k
+    print(f"TL attribution_patch(edge)           {t_tl:8.3f} s   (timed on {k} prompt(s), scaled x{len(batch) / k:g}); "
+          f"EAP per prompt & position is {t_tl / t_ours:6.1f}x faster (goal >= 50x)")
+
+    # EAP-IG and exact edge patching, for scale.
+    t_ig = timed(lambda: eap_ig_scores(w, batch, ("denoise",), steps=5, per_prompt=True, per_position=False), 1)
+    print(f"EAP-IG, 5 steps, per prompt          {t_ig:8.3f} s   {t_ig / t_floor:5.2f}x the floor")
+    keep = choose_edges(w, batch, "denoise", args.exact_subset, seed=0, max_rows=256)
+    t = time.perf_counter()
+    exact_edge_scores(w, batch, "denoise", keep, per_prompt=True, per_position=False)
+    t_exact = time.perf_counter() - t
+    n_keep = int(keep.sum())
+    print(f"exact edge patching, {n_keep} edges      {t_exact:8.3f} s   {n_keep / t_exact:7.1f} edges/s "
+          f"(all {graph.n_edges} edges would take ~{graph.n_edges / n_keep * t_exact / 60:.0f} min)")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
