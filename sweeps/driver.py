@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import platform
+import socket
 import subprocess
 import time
 import uuid
@@ -199,14 +200,17 @@ def _dispatch(cfg: SweepConfig, root: ResultsRoot, models: list[ModelEntry], tod
     pending: dict = {}  # ObjectRef → ("ready", model, i) or ("cell", model, i, cell)
     attempts: collections.Counter = collections.Counter()
     records: list[dict] = []
-    pids: dict[tuple[str, int], int] = {}
+    pids: dict[tuple[str, int], tuple[str, int]] = {}  # (model, worker) → (host, pid)
+    generation: collections.Counter = collections.Counter()  # a replaced worker gets a fresh actor name
     t_first = None
 
     def start_actor(model: str, i: int):
         options, _ = plans[model]
         pool = pools[model]
         threads = max(1, int(options["num_cpus"]))
-        actor = Remote.options(name=f"attrpatch/{cfg.name}/{launch}/{model}/{i}", **options).remote(
+        generation[(model, i)] += 1
+        name = f"attrpatch/{cfg.name}/{launch}/{model}/{i}.{generation[(model, i)]}"
+        actor = Remote.options(name=name, **options).remote(
             pool.entry, cfg, root, threads)
         if i < len(pool.actors):
             pool.actors[i] = actor
@@ -250,7 +254,7 @@ def _dispatch(cfg: SweepConfig, root: ResultsRoot, models: list[ModelEntry], tod
                     except RayTaskError as e:
                         raise SweepError(f"worker {i} of model {model!r} failed to load it: {_cause(e)}") from None
                     workers.append({"model": model, "worker": i, **info})
-                    pids[(model, i)] = info["pid"]
+                    pids[(model, i)] = (info["host"], info["pid"])
                     pool.live.add(i)
                     feed(model, i)
                     continue
@@ -293,7 +297,8 @@ def _stop(pools: dict, pids: dict, ray) -> None:
             except Exception:  # already dead
                 pass
     deadline = time.monotonic() + 15
-    alive = set(pids.values())
+    here = socket.gethostname()
+    alive = {pid for host, pid in pids.values() if host == here}  # remote workers are ended by Ray itself
     while alive and time.monotonic() < deadline:
         alive = {p for p in alive if _pid_alive(p)}
         time.sleep(0.1)

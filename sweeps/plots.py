@@ -43,7 +43,8 @@ def scatter_grid(title: str, facets: dict[str, tuple[np.ndarray, np.ndarray, np.
         lo = float(min(x.min(), y.min())) if len(x) else 0.0
         hi = float(max(x.max(), y.max())) if len(x) else 1.0
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
-        ax.set_title(f"{kind}\nn={len(x):,}  r={pearson:+.2f}  ρ={spearman:+.2f}", fontsize=9)
+        stats = "constant: no correlation" if math.isnan(pearson) else f"r={pearson:+.2f}  ρ={spearman:+.2f}"
+        ax.set_title(f"{kind}\nn={len(x):,}  {stats}", fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in axes.flat[n:]:
         ax.axis("off")

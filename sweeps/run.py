@@ -45,7 +45,7 @@ def _hydra_job(cfg: DictConfig) -> None:
         log.error("interrupted: finished part files are kept and no partial file remains; "
                   "run the same command again to resume")
         raise SystemExit(130) from None
-    render(report, Console(soft_wrap=True))
+    render(report, Console(width=None if sys.stdout.isatty() else 160))  # a log file gets the full table
 
 
 hydra_main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_hydra_job)

@@ -125,16 +125,22 @@ def render(report, console) -> None:
     """The end-of-sweep table (models × component kinds: correlation, number of scores, time) and paths."""
     from rich.table import Table
 
-    t = Table(title=f"sweep {report.cfg.name}: approximation vs exact patching", show_lines=False)
-    for col, just in (("model", "left"), ("task", "left"), ("comparison", "left"), ("kind", "left"),
-                      ("scores", "right"), ("pearson", "right"), ("spearman", "right"),
-                      ("time approx / exact (s)", "right")):
-        t.add_column(col, justify=just)
+    t = Table(title=f"sweep {report.cfg.name}: approximation vs exact patching, per component kind")
+    for col, just in (("model · task", "left"), ("approximation vs exact", "left"), ("time (s)", "right"),
+                      ("kind", "left"), ("scores", "right"), ("pearson", "right"), ("spearman", "right")):
+        t.add_column(col, justify=just, no_wrap=True)
+    last = None
     for r in report.correlations:
-        t.add_row(r["model"], r["task"], f"{r['approx']} vs {r['exact']}", r["kind"], f"{r['n']:,}",
-                  _fmt(r["pearson"]), _fmt(r["spearman"]), f"{r['approx_s']:.1f} / {r['exact_s']:.1f}")
+        group = (r["model"], r["task"], r["approx"], r["exact"])
+        first = group != last
+        if first and last is not None:
+            t.add_section()
+        last = group
+        t.add_row(f"{r['model']} · {r['task']}" if first else "", f"{r['approx']} vs {r['exact']}" if first else "",
+                  f"{r['approx_s']:.1f} / {r['exact_s']:.1f}" if first else "", r["kind"], f"{r['n']:,}",
+                  _fmt(r["pearson"]), _fmt(r["spearman"]))
     if not report.correlations:
-        t.add_row("—", "—", "no approximation ran beside an exact method", "", "", "", "", "")
+        t.add_row("—", "no approximation ran beside an exact method", "", "", "", "", "")
     console.print(t)
     ran = f"{report.ran} cells run, {report.skipped} resumed" if report.skipped else f"{report.ran} cells run"
     console.print(f"{ran} in {report.wall_s:.0f} s (worker compute {report.compute_s:.0f} s)")
