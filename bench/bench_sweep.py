@@ -72,7 +72,7 @@ def main() -> None:
     n = args.workers
     print(f"sweep: {args.shards} shards × (prompts + {args.methods}) = {report.ran} cells, {n} worker(s), "
           f"shard size {args.shard_size}")
-    print(f"Σ worker compute            {compute:8.2f} s   (of which none is Parquet writing: {writes:.2f} s)")
+    print(f"Σ worker compute            {compute:8.2f} s   (Parquet writes, counted as overhead: {writes:.2f} s)")
     print(f"dispatch wall               {report.dispatch_s:8.2f} s   ratio wall×workers/Σcompute = "
           f"{report.dispatch_s * n / compute:.3f}   (goal ≤ 1.2)")
     print(f"launch wall (+Ray {ray_start:.1f} s)   {report.wall_s + ray_start:8.2f} s   ratio = "
