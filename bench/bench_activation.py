@@ -76,15 +76,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tl-cells", type=int, default=24, help="TL cells timed per granularity (0 = every cell)")
     ap.add_argument("--max-rows", type=int, default=256, help="attrpatch rows per forward (MethodConfig.max_rows)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0 = torch default)")
+    # One thread: this 2-core box is shared, and oversubscribed threads made one forward ~10x slower in our runs.
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for both sides (0 = torch default)")
+    ap.add_argument("--task", default="ioi_seed8", help="ioi_seed8 (the demo's 8 prompts, 15 tokens) or ioi")
+    ap.add_argument("--corruption", default=None, help="the task's corruption (None = its default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model = load_model(random_gpt2_small(tmp))
-    batch = make_batch("ioi_seed8", model.tokenizer, n_prompts=8, seed=0)
-    print(f"model: random GPT-2 small shape (12 layers, d_model 768, 12 heads); batch {len(batch)} prompts x "
-          f"{batch.n_pos} tokens; direction denoise; torch threads {torch.get_num_threads()}")
+    batch = make_batch(args.task, model.tokenizer, n_prompts=8, seed=0, corruption=args.corruption)
+    differ = (batch.clean_tokens != batch.corrupt_tokens).any(0).nonzero()[:, 0].tolist()
+    print(f"model: random GPT-2 small shape (12 layers, d_model 768, 12 heads); task {args.task} "
+          f"(corruption {args.corruption or 'default'}): {len(batch)} prompts, lengths {batch.lengths.tolist()}, "
+          f"clean and corrupt differ at positions {differ}; direction denoise; torch threads "
+          f"{torch.get_num_threads()}")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         _, clean_cache = model.bridge.run_with_cache(batch.clean_tokens)
@@ -98,7 +104,7 @@ def main() -> None:
         per_cell, total, df, tl_effect = time_tl(model, batch, clean_cache, name, args.tl_cells, gen)
         scores = result.nodes[0].scores
         g_axes = GRANULARITIES[name].axes[1:]
-        idx = tuple(torch.as_tensor(df[a].to_numpy()) for a in g_axes)
+        idx = tuple(torch.as_tensor(df[a].to_numpy().copy()) for a in g_axes)
         err = float((scores[(slice(None), *idx)] - tl_effect).abs().max())
         worst = max(worst, err)
         rows.append((name, total, per_cell * total, ours_s, err))
