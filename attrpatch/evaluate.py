@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=6, help="heads to list per method")  # ~a third of 16 heads
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    console = Console()
+    console = Console(width=120)  # wide enough for the tables when piped to a file
     model = load_model(args.model)
     rows = [evaluate_task(model, task, corr, split, n_prompts=args.n_prompts, seed=args.seed)
             for task, corr, split in DEFAULT_EVALS]
