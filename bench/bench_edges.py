@@ -150,7 +150,10 @@ def main() -> None:
     parser.add_argument("--tl-prompts", type=int, default=1, help="prompts TL's edge attribution is timed on")
     parser.add_argument("--loop-fraction", type=float, default=1.0, help="fraction of ACDC++ pairs timed")
     parser.add_argument("--exact-subset", type=float, default=0.01, help="edge fraction for exact patching")
+    # One thread: on a shared 2-core host, two OpenMP threads spin-wait on each other (4x slower, noisier).
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -62,7 +62,9 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=1600)
     parser.add_argument("--heads", type=int, default=25)
     parser.add_argument("--no-per-position", dest="per_position", action="store_false")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     t = time.perf_counter()
     w = random_weights(args.layers, args.d_model, args.heads)

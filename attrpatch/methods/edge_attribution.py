@@ -121,10 +121,16 @@ def contract(graph: EdgeGraph, delta: Float[Tensor, "rows pos src d_model"],
 
     Only the sources upstream of a block (a prefix of the sources) enter its einsum; ``out`` has the axes
     ``score_axes(per_prompt, per_position)`` with the prompt axis already sliced to these rows."""
-    spec = "bpsd,bptd->" + "b" * per_prompt + "p" * per_position + "st"
     for layer, grad in enumerate(blocks):
         n_src = graph.n_src if layer == graph.n_layers else graph.n_src_before_mlp(layer)
-        out[..., :n_src, graph.dst_block(layer)] += torch.einsum(spec, delta[:, :, :n_src], grad)
+        # Batched over (prompt, pos) with no copies, then reduced: 4x faster than contracting the sums in
+        # the einsum, which makes torch copy both operands into [src|dst, prompt·pos·d_model] layout.
+        cell = torch.einsum("bpsd,bptd->bpst", delta[:, :, :n_src], grad)
+        if not per_position:
+            cell = cell.sum(1)
+        if not per_prompt:
+            cell = cell.sum(0)
+        out[..., :n_src, graph.dst_block(layer)] += cell
 
 
 def finish(graph: EdgeGraph, out: Tensor, n_prompts: int, per_prompt: bool) -> Tensor:
