@@ -22,16 +22,21 @@ def answer_logits(logits: Float[Tensor, "batch pos vocab"], batch: PromptBatch) 
 
 
 def logit_diff(logits: Float[Tensor, "batch pos vocab"], batch: PromptBatch) -> Float[Tensor, " batch"]:
-    """logit(answer) − logit(wrong answer) at the answer position, one value per prompt.
+    """logit(answer) − logit(wrong answer) at the answer position, one value per prompt (full logits,
+    e.g. the bridge's output; k stacked copies of the batch allowed, copy-major)."""
+    return final_logit_diff(answer_logits(logits, batch), batch)
 
-    ``logits`` may hold k patched copies of the batch stacked along the batch axis (k·batch rows, copy-major);
+
+def final_logit_diff(logits: Float[Tensor, "rows vocab"], batch: PromptBatch) -> Float[Tensor, " rows"]:
+    """logit(answer) − logit(wrong answer) for logits already at the answer position (``engine.forward``).
+
+    ``logits`` may hold k patched copies of the batch stacked along the rows (k·batch rows, copy-major);
     the answers repeat accordingly.
     """
-    final = answer_logits(logits, batch)
     reps = logits.shape[0] // len(batch)
-    ans = batch.answer_ids.to(final.device).repeat(reps)
-    wrong = batch.wrong_ids.to(final.device).repeat(reps)
-    return final.gather(1, ans[:, None])[:, 0] - final.gather(1, wrong[:, None])[:, 0]
+    ans = batch.answer_ids.to(logits.device).repeat(reps)
+    wrong = batch.wrong_ids.to(logits.device).repeat(reps)
+    return logits.gather(1, ans[:, None])[:, 0] - logits.gather(1, wrong[:, None])[:, 0]
 
 
 def normalise(metric: Tensor, clean: Tensor, corrupt: Tensor) -> Tensor:

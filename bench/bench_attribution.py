@@ -39,7 +39,7 @@ from attrpatch import load_model, make_batch
 from attrpatch.components import hook_name
 from attrpatch.engine import forward, weights
 from attrpatch.methods import MethodConfig, run_method
-from attrpatch.methods.attribution import engine_logit_diff
+from attrpatch.metrics import final_logit_diff
 
 
 def random_gpt2_small(path: str) -> str:
@@ -107,7 +107,7 @@ def floor_engine(model, batch):
         return x
 
     logits = forward(w, batch.corrupt_tokens, batch.answer_pos, edit)
-    return torch.autograd.grad(engine_logit_diff(logits, batch).sum(), [leaf["embed"]])
+    return torch.autograd.grad(final_logit_diff(logits, batch).sum(), [leaf["embed"]])
 
 
 def floor_bridge(model, batch):

@@ -23,6 +23,7 @@ import torch
 from attrpatch import load_model, make_batch
 from attrpatch.engine import forward, weights
 from attrpatch.methods import get_method, run_method
+from attrpatch.metrics import final_logit_diff
 from attrpatch.models import LoadedModel
 from attrpatch.scores import EDGE_SCHEMA, NODE_SCHEMA, concat, edge_table, node_table, prompt_table
 from attrpatch.tasks import PromptBatch
@@ -33,20 +34,13 @@ from sweeps.writer import ResultsRoot
 log = logging.getLogger(__name__)
 
 
-def answer_logit_diff(logits: torch.Tensor, batch: PromptBatch) -> torch.Tensor:
-    """logit(answer) − logit(wrong) for engine logits (already at the answer position, [batch, vocab])."""
-    ans = batch.answer_ids.to(logits.device)[:, None]
-    wrong = batch.wrong_ids.to(logits.device)[:, None]
-    return (logits.gather(1, ans) - logits.gather(1, wrong))[:, 0]
-
-
 def prompt_metrics(model: LoadedModel, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """The clean and corrupted baselines of the metric, one engine forward each."""
     w = weights(model)
     with torch.no_grad():
         clean = forward(w, batch.clean_tokens.to(w.device), batch.answer_pos)
         corrupt = forward(w, batch.corrupt_tokens.to(w.device), batch.answer_pos)
-    return answer_logit_diff(clean, batch), answer_logit_diff(corrupt, batch)
+    return final_logit_diff(clean, batch), final_logit_diff(corrupt, batch)
 
 
 def cell_tables(model: LoadedModel, shard: PromptBatch, cell: Cell, cfg: SweepConfig) -> tuple[dict[str, pa.Table], float]:

@@ -20,8 +20,8 @@ from attrpatch.components import hook_name
 from attrpatch.engine import forward, weights
 from attrpatch.methods import MethodConfig, MethodError, run_method
 from attrpatch.methods.attention_attribution import attention_scores
-from attrpatch.methods.attribution import engine_logit_diff
 from attrpatch.methods.dla import DLA_KINDS, dla_constant, dla_scores
+from attrpatch.metrics import final_logit_diff
 from attrpatch.scores import node_table
 
 
@@ -81,7 +81,7 @@ def test_attention_attribution_is_first_order_effect_of_scaling_a_pattern(tiny, 
     scores = attention_scores(w, batch)
     eps = 1e-2
     with torch.no_grad():
-        base = engine_logit_diff(forward(w, batch.clean_tokens, batch.answer_pos), batch)
+        base = final_logit_diff(forward(w, batch.clean_tokens, batch.answer_pos), batch)
         for layer in range(w.n_layers):
             for h in range(w.n_heads):
                 def edit(kind, lay, x, layer=layer, h=h):
@@ -90,7 +90,7 @@ def test_attention_attribution_is_first_order_effect_of_scaling_a_pattern(tiny, 
                     x = x.clone()
                     x[:, h] *= 1 - eps
                     return x
-                effect = engine_logit_diff(forward(w, batch.clean_tokens, batch.answer_pos, edit), batch) - base
+                effect = final_logit_diff(forward(w, batch.clean_tokens, batch.answer_pos, edit), batch) - base
                 predicted = -eps * scores[:, layer, h].sum((-1, -2))
                 torch.testing.assert_close(effect, predicted, rtol=0.05, atol=1e-3 * eps * float(scores.abs().max()))
 

@@ -20,7 +20,8 @@ from attrpatch import make_batch
 from attrpatch.components import HEAD_VECTOR_KINDS, NODE_KINDS, hook_name
 from attrpatch.engine import Recorder, forward, weights
 from attrpatch.methods import MethodConfig, MethodError, run_method
-from attrpatch.methods.attribution import ATP_KINDS, atp_scores, engine_logit_diff
+from attrpatch.methods.attribution import ATP_KINDS, atp_scores
+from attrpatch.metrics import final_logit_diff
 from attrpatch.scores import node_table
 
 RUN = {"denoise": "corrupt", "noise": "clean"}  # the prompt whose forward is differentiated
@@ -184,7 +185,7 @@ def _acts(w, batch, which):
     rec = Recorder(None)
     with torch.no_grad():
         logits = forward(w, _tokens(batch, which), batch.answer_pos, rec)
-    return engine_logit_diff(logits, batch), rec.acts
+    return final_logit_diff(logits, batch), rec.acts
 
 
 def _site_patch_effect(w, batch, direction, kind, layer, eps, base, run_acts, patch_acts):
@@ -196,7 +197,7 @@ def _site_patch_effect(w, batch, direction, kind, layer, eps, base, run_acts, pa
 
     with torch.no_grad():
         logits = forward(w, _tokens(batch, RUN[direction]), batch.answer_pos, edit)
-    return engine_logit_diff(logits, batch) - base
+    return final_logit_diff(logits, batch) - base
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
@@ -264,7 +265,7 @@ def _node_patch_effects(w, batch, direction, kind, run, patch):
 
     with torch.no_grad():
         logits = forward(w, None, batch.answer_pos.repeat(cells), edit, start=layer, resid=resid)
-    effect = engine_logit_diff(logits, batch).reshape(cells, b) - base  # [node, prompt]
+    effect = final_logit_diff(logits, batch).reshape(cells, b) - base  # [node, prompt]
     if kind in HEAD_VECTOR_KINDS:
         return effect.reshape(p, w.n_heads, b).permute(2, 1, 0)  # [prompt, head, pos]
     return effect.T  # [prompt, pos]

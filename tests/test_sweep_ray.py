@@ -22,6 +22,7 @@ from test_sweep_methods import ATP, EXACT
 
 from attrpatch import load_model, make_batch
 from attrpatch.methods import run_method
+from attrpatch.metrics import final_logit_diff
 from attrpatch.scores import EDGE_SCHEMA, NODE_SCHEMA, concat, edge_table, node_table
 from sweeps.config import (
     ClusterOptions,
@@ -34,7 +35,7 @@ from sweeps.config import (
 from sweeps.driver import run_sweep
 from sweeps.grid import model_entries
 from sweeps.wandb_log import read_offline_run
-from sweeps.worker import answer_logit_diff, shard_of
+from sweeps.worker import shard_of
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 PLUGIN = "test_sweep_methods"  # registers the two test methods in the workers too
@@ -147,8 +148,8 @@ def test_two_models_all_families_end_to_end(ray_session, ckpts, tmp_path):
     from attrpatch.engine import forward, weights
 
     w = weights(model)
-    clean = answer_logit_diff(forward(w, batch.clean_tokens, batch.answer_pos), batch)
-    corrupt = answer_logit_diff(forward(w, batch.corrupt_tokens, batch.answer_pos), batch)
+    clean = final_logit_diff(forward(w, batch.clean_tokens, batch.answer_pos), batch)
+    corrupt = final_logit_diff(forward(w, batch.corrupt_tokens, batch.answer_pos), batch)
     p = duckdb.sql(f"select prompt, clean_metric, corrupt_metric from read_parquet('{root}/prompts/model={names[0]}/"
                    "task=ioi/*.parquet') order by prompt").fetchnumpy()
     np.testing.assert_allclose(p["clean_metric"], clean.detach().numpy(), atol=1e-4)

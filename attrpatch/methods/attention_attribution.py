@@ -36,10 +36,10 @@ from attrpatch.methods.attribution import (
     SiteRecorder,
     check_kinds,
     check_no_extra,
-    engine_logit_diff,
     stack_sites,
     views,
 )
+from attrpatch.metrics import final_logit_diff
 from attrpatch.models import LoadedModel
 from attrpatch.scores import MethodResult, NodeScores
 from attrpatch.tasks import PromptBatch
@@ -48,7 +48,7 @@ DIRECTION = "clean"  # no patch direction: the gradient and the pattern both com
 AXES = ("prompt", "layer", "head", "pos", "src_pos")
 
 
-def attention_scores(w: Weights, batch: PromptBatch, metric: Metric = engine_logit_diff,
+def attention_scores(w: Weights, batch: PromptBatch, metric: Metric = final_logit_diff,
                      ) -> Float[Tensor, "prompt layer head pos src_pos"]:
     """Steps 1–3 on any engine weights: pattern × gradient, per prompt and cell."""
     sites = SiteRecorder(("head_pattern",), grad=True)

@@ -38,12 +38,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from attrpatch.components import DIRECTIONS, HEAD_VECTOR_KINDS, LAYER_KINDS, NODE_KINDS, RESID_KINDS
 from attrpatch.engine import Weights, forward, weights
 from attrpatch.methods import MethodConfig, MethodError, register
+from attrpatch.metrics import final_logit_diff
 from attrpatch.models import LoadedModel
 from attrpatch.scores import MethodResult, NodeScores
 from attrpatch.tasks import PromptBatch
@@ -53,17 +53,6 @@ D_MODEL_KINDS = (*RESID_KINDS, *LAYER_KINDS)
 ATP_KINDS = NODE_KINDS  # every node kind of the vocabulary
 
 Metric = Callable[[Tensor, PromptBatch], Tensor]
-
-
-def engine_logit_diff(logits: Float[Tensor, "rows vocab"], batch: PromptBatch) -> Float[Tensor, " rows"]:
-    """logit(answer) − logit(wrong) for engine logits (already at the answer position).
-
-    ``logits`` may hold k copies of the batch stacked copy-major (k·batch rows); answers repeat.
-    """
-    reps = logits.shape[0] // len(batch)
-    ans = batch.answer_ids.to(logits.device).repeat(reps)
-    wrong = batch.wrong_ids.to(logits.device).repeat(reps)
-    return logits.gather(1, ans[:, None])[:, 0] - logits.gather(1, wrong[:, None])[:, 0]
 
 
 def check_kinds(kinds: tuple[str, ...] | None, allowed: tuple[str, ...], method: str) -> tuple[str, ...]:
@@ -133,7 +122,7 @@ def contract(kind: str, grads: dict, run: dict, patch: dict, n_layers: int) -> t
 
 
 def atp_scores(w: Weights, batch: PromptBatch, kinds: tuple[str, ...] = ATP_KINDS,
-               directions: tuple[str, ...] = ("denoise",), metric: Metric = engine_logit_diff,
+               directions: tuple[str, ...] = ("denoise",), metric: Metric = final_logit_diff,
                ) -> dict[tuple[str, str], tuple[Tensor, tuple[str, ...]]]:
     """Steps 1–4 on any engine weights: ``{(direction, kind): (scores, axes)}``, per prompt and position.
 
