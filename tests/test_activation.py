@@ -29,7 +29,7 @@ from attrpatch.methods.activation import (
     granularity_of,
     select_granularities,
 )
-from attrpatch.metrics import logit_diff
+from attrpatch.metrics import final_logit_diff, logit_diff
 
 ALL = tuple(GRANULARITIES)
 DIRECTIONS = ("denoise", "noise")
@@ -50,12 +50,6 @@ def _runs(batch, direction):
             else (batch.clean_tokens, batch.corrupt_tokens))
 
 
-def _answer_logit_diff(logits, batch):
-    """The logit difference of engine logits (already at the answer position, [prompt vocab])."""
-    rows = torch.arange(len(batch))
-    return logits[rows, batch.answer_ids] - logits[rows, batch.wrong_ids]
-
-
 def _ours(model, batch, direction, names=ALL, max_rows=256, per_prompt=True):
     cfg = MethodConfig(directions=(direction,), max_rows=max_rows, per_prompt=per_prompt,
                        extra={"granularities": names})
@@ -68,7 +62,7 @@ def _reference(model, batch, direction, g: Granularity) -> torch.Tensor:
     run, src = _runs(batch, direction)
     with torch.no_grad():
         _, src_acts = run_with_acts(w, src, batch.answer_pos, kinds=(g.kind,))
-        base = _answer_logit_diff(forward(w, run, batch.answer_pos), batch)
+        base = final_logit_diff(forward(w, run, batch.answer_pos), batch)
         P, n_heads = run.shape[1], w.n_heads
         sizes = {"layer": w.n_layers, "head": n_heads, "pos": P, "src_pos": P}
         out = torch.zeros(len(batch), *(sizes[a] for a in g.axes[1:]))
@@ -91,7 +85,7 @@ def _reference(model, batch, direction, g: Granularity) -> torch.Tensor:
                 return x
 
             logits = forward(w, run, batch.answer_pos, edit)
-            out[(slice(None), *cell)] = _answer_logit_diff(logits, batch) - base
+            out[(slice(None), *cell)] = final_logit_diff(logits, batch) - base
     return out
 
 

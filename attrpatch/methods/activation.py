@@ -67,6 +67,7 @@ from torch import Tensor
 from attrpatch.components import HEAD_VECTOR_KINDS, LAYER_KINDS
 from attrpatch.engine import Weights, run_with_acts, weights
 from attrpatch.methods import MethodConfig, MethodError, register
+from attrpatch.metrics import final_logit_diff
 from attrpatch.models import LoadedModel
 from attrpatch.patching_engine import RunCache, suffix_metric
 from attrpatch.scores import MethodResult, NodeScores
@@ -276,8 +277,7 @@ def patch_scores(w: Weights, run_tokens: Int[Tensor, "prompt pos"], src_tokens: 
     run_stack = {k: _site_stack(run_acts, k, w.n_layers) for k in kinds}
     src_stack = {k: _site_stack(src_acts, k, w.n_layers) for k in kinds}
     ans_ids, wrong_ids = batch.answer_ids.to(device), batch.wrong_ids.to(device)
-    prompts = torch.arange(N, device=device)
-    base = run_logits[prompts, ans_ids] - run_logits[prompts, wrong_ids]
+    base = final_logit_diff(run_logits, batch)
     u_dir = (w.W_U[:, ans_ids] - w.W_U[:, wrong_ids]).T  # [N D]
     u_bias = w.b_U[ans_ids] - w.b_U[wrong_ids]
     # Step 2: the rows that can change the metric.
