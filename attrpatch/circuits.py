@@ -39,6 +39,7 @@ from torch import Tensor
 from attrpatch.components import Node
 from attrpatch.engine import Weights, forward
 from attrpatch.errors import AttrpatchError
+from attrpatch.metrics import ids_logit_diff
 from attrpatch.scores import EdgeIndex
 from attrpatch.tasks import PromptBatch
 
@@ -190,9 +191,7 @@ def _run_circuits(w: Weights, sites: SiteMap, ablate: Float[Tensor, "circuit src
         return x
 
     logits = forward(w, clean.repeat(n_c, 1), answer_pos.repeat(n_c), edit, split=True)
-    reps = n_c
-    ans, wrong = answer_ids.to(logits.device).repeat(reps)[:, None], wrong_ids.to(logits.device).repeat(reps)[:, None]
-    return (logits.gather(1, ans) - logits.gather(1, wrong))[:, 0].reshape(n_c, b)
+    return ids_logit_diff(logits, answer_ids, wrong_ids).reshape(n_c, b)
 
 
 def circuit_metric(w: Weights, index: EdgeIndex, circuits: Bool[Tensor, "circuit src dst"], batch: PromptBatch,

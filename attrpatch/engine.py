@@ -137,8 +137,10 @@ def block(w: Weights, layer: int, resid: Float[Tensor, "batch pos d_model"], edi
     resid = edit("resid_pre", L, resid)
     n_pos = resid.shape[1]
     if split:
-        expanded = resid[:, :, None, :].expand(-1, -1, w.n_heads, -1)
-        q_in, k_in, v_in = (edit(k, L, expanded) for k in ("head_q_in", "head_k_in", "head_v_in"))
+        # A view of its own per site: an edit callback that keeps the tensor it is handed (to take its
+        # gradient) then gets the gradient through that site only, not the q+k+v sum.
+        q_in, k_in, v_in = (edit(k, L, resid[:, :, None, :].expand(-1, -1, w.n_heads, -1))
+                            for k in ("head_q_in", "head_k_in", "head_v_in"))
         q_x, k_x, v_x = (_ln(x, w.ln1_w[L], w.ln1_b[L], w.eps) for x in (q_in, k_in, v_in))
         q = torch.einsum("bphd,hde->bphe", q_x, w.W_Q[L]) + w.b_Q[L]
         k = torch.einsum("bphd,hde->bphe", k_x, w.W_K[L]) + w.b_K[L]

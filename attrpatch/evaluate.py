@@ -31,6 +31,7 @@ from rich.table import Table
 from scipy import stats
 
 from attrpatch.engine import forward, weights
+from attrpatch.metrics import ids_logit_diff
 from attrpatch.models import LoadedModel, load_model
 from attrpatch.tasks import PromptBatch, make_batch
 
@@ -80,8 +81,7 @@ def engine_logit_diff(model: LoadedModel, tokens: torch.Tensor, batch: PromptBat
         for i in range(0, len(batch), chunk):
             rows = slice(i, i + chunk)
             logits = forward(w, tokens[rows], batch.answer_pos[rows])
-            ans, wrong = batch.answer_ids[rows, None], batch.wrong_ids[rows, None]
-            out.append((logits.gather(1, ans) - logits.gather(1, wrong))[:, 0])
+            out.append(ids_logit_diff(logits, batch.answer_ids[rows], batch.wrong_ids[rows]))
     return torch.cat(out)
 
 

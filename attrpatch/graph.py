@@ -20,7 +20,7 @@ MLP; targets are, per layer, its q heads, k heads, v heads and ``mlp_in``, then 
 one layer form one contiguous block, and the sources upstream of that block are a prefix of the sources.
 
 Also here, because all three edge methods share them: the source writes of one run (``source_writes``) and
-the logit difference of engine logits holding k stacked copies of a batch (``copies_logit_diff``).
+the logit difference of engine logits holding k stacked copies of a batch (``metrics.ids_logit_diff``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from attrpatch.components import Node
@@ -214,13 +214,3 @@ def source_writes(w: Weights, acts: dict[tuple[str, int], Tensor]) -> Float[Tens
         parts.append(torch.einsum("bphe,hed->bphd", z, w.W_O[layer]))
         parts.append(acts[("mlp_out", layer)][:, :, None])
     return torch.cat(parts, dim=2)
-
-
-def copies_logit_diff(logits: Float[Tensor, "rows vocab"], answer_ids: Int[Tensor, " batch"],
-                      wrong_ids: Int[Tensor, " batch"]) -> Float[Tensor, " rows"]:
-    """logit(answer) − logit(wrong) of engine logits (already at the answer position) holding k copies of a
-    batch stacked copy-major (k·batch rows)."""
-    reps = logits.shape[0] // answer_ids.shape[0]
-    ans = answer_ids.to(logits.device).repeat(reps)[:, None]
-    wrong = wrong_ids.to(logits.device).repeat(reps)[:, None]
-    return (logits.gather(1, ans) - logits.gather(1, wrong))[:, 0]

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from attrpatch.tasks import PromptBatch
@@ -33,10 +33,16 @@ def final_logit_diff(logits: Float[Tensor, "rows vocab"], batch: PromptBatch) ->
     ``logits`` may hold k patched copies of the batch stacked along the rows (k·batch rows, copy-major);
     the answers repeat accordingly.
     """
-    reps = logits.shape[0] // len(batch)
-    ans = batch.answer_ids.to(logits.device).repeat(reps)
-    wrong = batch.wrong_ids.to(logits.device).repeat(reps)
-    return logits.gather(1, ans[:, None])[:, 0] - logits.gather(1, wrong[:, None])[:, 0]
+    return ids_logit_diff(logits, batch.answer_ids, batch.wrong_ids)
+
+
+def ids_logit_diff(logits: Float[Tensor, "rows vocab"], answer_ids: Int[Tensor, " batch"],
+                   wrong_ids: Int[Tensor, " batch"]) -> Float[Tensor, " rows"]:
+    """``final_logit_diff`` from the answer and wrong token ids (k·batch rows, copy-major, allowed)."""
+    reps = logits.shape[0] // answer_ids.shape[0]
+    ans = answer_ids.to(logits.device).repeat(reps)[:, None]
+    wrong = wrong_ids.to(logits.device).repeat(reps)[:, None]
+    return (logits.gather(1, ans) - logits.gather(1, wrong))[:, 0]
 
 
 def normalise(metric: Tensor, clean: Tensor, corrupt: Tensor) -> Tensor:

@@ -31,9 +31,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from attrpatch.engine import Weights, block, forward, unembed, weights
-from attrpatch.graph import QKV, EdgeGraph, copies_logit_diff
+from attrpatch.graph import QKV, EdgeGraph
 from attrpatch.methods import MethodConfig, MethodError, register
 from attrpatch.methods.edge_attribution import eap_scores, run_and_patch, run_sources, score_axes
+from attrpatch.metrics import ids_logit_diff
 from attrpatch.models import LoadedModel
 from attrpatch.scores import EdgeScores, MethodResult
 from attrpatch.tasks import PromptBatch
@@ -123,7 +124,7 @@ def exact_edge_scores(w: Weights, batch: PromptBatch, direction: str, keep: Bool
     run, patch = run_and_patch(batch, direction)
     n, n_pos = len(batch), batch.n_pos
     stream, logits = run_stream(w, run, batch.answer_pos)
-    base = copies_logit_diff(logits, batch.answer_ids, batch.wrong_ids)
+    base = ids_logit_diff(logits, batch.answer_ids, batch.wrong_ids)
     delta = (run_sources(w, patch, batch.answer_pos) - run_sources(w, run, batch.answer_pos)) * delta_scale
     delta = delta.permute(2, 0, 1, 3)  # [src, batch, pos, d_model]
 
@@ -153,7 +154,7 @@ def exact_edge_scores(w: Weights, batch: PromptBatch, direction: str, keep: Bool
                 patched = forward(w, None, answer_pos, start=layer + 1, resid=resid)
             else:
                 patched = unembed(w, resid, answer_pos, edit, split=True)
-            effect = (copies_logit_diff(patched, batch.answer_ids, batch.wrong_ids).view(k, n) - base).T
+            effect = (ids_logit_diff(patched, batch.answer_ids, batch.wrong_ids).view(k, n) - base).T
             cell = (pos[job], src[job], dst[job]) if per_position else (src[job], dst[job])
             out[(slice(None), *cell)] = effect
     return out if per_prompt else out.mean(0)

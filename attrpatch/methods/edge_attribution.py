@@ -31,8 +31,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from attrpatch.engine import Weights, forward, weights
-from attrpatch.graph import SRC_SITES, EdgeGraph, copies_logit_diff, source_writes
+from attrpatch.graph import SRC_SITES, EdgeGraph, source_writes
 from attrpatch.methods import MethodConfig, register
+from attrpatch.metrics import ids_logit_diff
 from attrpatch.models import LoadedModel
 from attrpatch.scores import EdgeScores, MethodResult
 from attrpatch.tasks import PromptBatch
@@ -93,17 +94,13 @@ def target_grads(w: Weights, tokens: Int[Tensor, "rows pos"], answer_pos: Int[Te
     def edit(kind: str, layer: int, x: Tensor) -> Tensor:
         if kind == "embed":
             x = (x if embed is None else embed(x)).detach().requires_grad_(True)
-        elif kind in DST_SITES[:3]:
-            # The engine hands the same expanded tensor to the q, k and v sites; a view of our own per
-            # site makes its gradient flow through that site only (else each would get the q+k+v sum).
-            x = x.view_as(x)
         if kind in SRC_SITES or kind in DST_SITES or kind == "logits":
             acts[(kind, layer)] = x
         return x
 
     with torch.enable_grad():
         logits = forward(w, tokens, answer_pos, edit, split=True)
-        metric = copies_logit_diff(logits, answer_ids, wrong_ids).sum()
+        metric = ids_logit_diff(logits, answer_ids, wrong_ids).sum()
         sites = [acts[(s, layer)] for layer in range(w.n_layers) for s in DST_SITES] + [acts[("logits", w.n_layers)]]
         grads = torch.autograd.grad(metric, sites)
     blocks = [torch.cat([*grads[4 * layer: 4 * layer + 3], grads[4 * layer + 3][:, :, None]], dim=2)
