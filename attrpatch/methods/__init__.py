@@ -55,7 +55,7 @@ MethodFn = Callable[[LoadedModel, PromptBatch, MethodConfig], MethodResult]
 class MethodInfo:
     name: str
     fn: MethodFn
-    produces: str  # "nodes", "edges" or "both"
+    produces: str  # "nodes", "edges", "both" or "tables" (extra Parquet tables, e.g. faithfulness)
     exact: bool  # True for ground-truth interventions (activation / edge patching)
     summary: str
 
@@ -64,7 +64,14 @@ METHODS: dict[str, MethodInfo] = {}
 
 
 def register(name: str, produces: str, exact: bool = False) -> Callable[[MethodFn], MethodFn]:
-    """Register a method under ``name``; registering a name twice raises."""
+    """Register a method under ``name``; registering a name twice raises.
+
+    ``produces`` says which parts of the ``MethodResult`` it fills: ``"nodes"``, ``"edges"``, ``"both"``, or
+    ``"tables"`` (named extra tables such as faithfulness curves, written beside nodes and edges).
+    ``exact`` marks a ground-truth intervention (activation or edge patching) that approximations are
+    compared against."""
+    if produces not in ("nodes", "edges", "both", "tables"):
+        raise ValueError(f"method {name!r}: produces must be nodes, edges, both or tables, got {produces!r}")
 
     def wrap(fn: MethodFn) -> MethodFn:
         if name in METHODS:
