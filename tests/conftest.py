@@ -15,19 +15,6 @@ SHAPES = {
 }
 
 
-def pytest_addoption(parser):
-    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
-
-
-def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow: opt in with --runslow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
-
-
 def save_random_gpt2(path, seed: int = 0, **shape) -> str:
     """A random GPT-2 with the real vocabulary and larger-than-default weights (so effects are not tiny)."""
     torch.manual_seed(seed)
