@@ -87,7 +87,7 @@ def run_cell(model: LoadedModel, batch: PromptBatch, cell: Cell, cfg: SweepConfi
         "cell": cell.label, "model": cell.model, "task": cell.task, "method": cell.method, "shard": cell.shard,
         "prompts": len(shard), "rows": {name: t.num_rows for name, t in tables.items()},
         "compute_s": compute, "write_s": time.perf_counter() - t0, "pid": os.getpid(),
-        "host": socket.gethostname(), "finished": time.time(),
+        "host": socket.gethostname(), "node": _node_id(), "finished": time.time(),
     }
     root.write_json(cell.marker, record)
     return {**record, "skipped": False}
@@ -114,6 +114,16 @@ def _assigned_gpus() -> list:
         return list(ray.get_gpu_ids()) if ray.is_initialized() else []
     except Exception:  # not inside Ray
         return []
+
+
+def _node_id() -> str | None:
+    """The Ray node this process runs on (hosts can hold several nodes); None outside Ray."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # not inside Ray
+        return None
 
 
 def _quiet_libraries() -> None:
@@ -150,7 +160,7 @@ class ShardWorker:
             resources = dict(ray.get_runtime_context().get_assigned_resources())
         except Exception:  # not inside Ray
             pass
-        return {"pid": os.getpid(), "host": socket.gethostname(), "device": self.device,
+        return {"pid": os.getpid(), "host": socket.gethostname(), "node": _node_id(), "device": self.device,
                 "resources": resources, "gpu_ids": _assigned_gpus(), "load_s": self.load_s}
 
     def batch(self, task: str) -> PromptBatch:
