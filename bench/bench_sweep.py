@@ -8,7 +8,7 @@ in each completion record); the driver times the sweep. With one worker the rati
 wall × N / Σ compute (1.0 = perfect use of the workers). Two walls are printed: ``dispatch`` (first cell
 handed out → last cell finished: what the sweep adds per cell) and ``launch`` (the whole call: Ray start,
 model loads in the workers, correlation summary and plots included; a fixed cost per launch).
-Uses a random GPT-2 of ioi-tiny's shape (4 layers, 4 heads, d_model 128) unless --model is given.
+Uses a random GPT-2 of 4 layers, 4 heads, d_model 128 (twice ioi-tiny's depth) unless --model is given.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="a registered model or checkpoint dir (default: random ioi-tiny shape)")
+    ap.add_argument("--model", default=None, help="a registered model or checkpoint dir (default: a random 4-layer, d_model-128 GPT-2)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--shards", type=int, default=20)
     ap.add_argument("--shard-size", type=int, default=16)
