@@ -56,7 +56,7 @@ REGISTRY: dict[str, ModelSpec] = {
     "gpt2-large": ModelSpec("gpt2-large", "gpt2-large", 774, memory_gb=10, num_gpus=1, num_cpus=1),
     "gpt2-xl": ModelSpec("gpt2-xl", "gpt2-xl", 1558, memory_gb=20, num_gpus=1, num_cpus=2),
     "ioi-tiny": ModelSpec(
-        "ioi-tiny", str(CHECKPOINTS / "ioi-tiny"), 7.2, memory_gb=1, num_gpus=0.1, num_cpus=1, embedded=True
+        "ioi-tiny", str(CHECKPOINTS / "ioi-tiny"), 6.8, memory_gb=1, num_gpus=0.1, num_cpus=1, embedded=True
     ),
 }
 
