@@ -1,6 +1,6 @@
 """Train the embedded ``ioi-tiny`` model: a small GPT-2 that learns indirect object identification.
 
-    python -m attrpatch.train_ioi_tiny                    # writes attrpatch/checkpoints/ioi-tiny (a few minutes, 2 CPUs)
+    python -m attrpatch.train_ioi_tiny                    # writes attrpatch/checkpoints/ioi-tiny (~13 min, one thread)
     python -m attrpatch.train_ioi_tiny --out /tmp/ioi-tiny --steps 100
 
 Algorithm (deterministic: fixed seed, fixed data order):
