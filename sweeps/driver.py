@@ -334,6 +334,7 @@ def _log_model_done(model: str, records: list[dict]) -> None:
 def run_sweep(cfg: SweepConfig) -> SweepReport:
     """Run (or resume) a sweep; returns its report. Steps 1-5 of the module docstring."""
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     t0 = time.perf_counter()
     validate(cfg)  # step 1: every name and option checked before Ray starts
@@ -356,8 +357,9 @@ def run_sweep(cfg: SweepConfig) -> SweepReport:
 
         started = _start_ray(cfg)
         try:
-            with tqdm(total=len(todo), unit="cell", desc=f"sweep {cfg.name}", disable=not cfg.output.progress,
-                      dynamic_ncols=True) as bar:
+            # log lines (a model done, a worker replaced) print above the bar instead of breaking it
+            with logging_redirect_tqdm(), tqdm(total=len(todo), unit="cell", desc=f"sweep {cfg.name}",
+                                               disable=not cfg.output.progress, dynamic_ncols=True) as bar:
                 records, dispatch_s = _dispatch(cfg, root, models, todo, workers, bar)
         except BaseException as e:
             removed = root.clean_temp()
