@@ -15,8 +15,8 @@ Algorithm (deterministic: fixed seed, fixed data order):
 3. Loss = cross-entropy of the answer (the indirect object) predicted from each prompt's last token,
    ``-log softmax(W_U · ln_f(h[answer_pos]))[answer]``; no other position is trained.
 4. AdamW with linear warm-up and cosine decay over ``steps``, then a second, lower cosine cycle over
-   ``polish_steps`` (a warm restart from ``polish_lr``: the first cycle leaves ~9% of held-out prompts on
-   the wrong name, the second fixes most of them); gradient norm clipped to 1. Steps continue the data
+   ``polish_steps`` (a warm restart from ``polish_lr``: it raised held-out accuracy from 91.6% to 92.6% and
+   the clean logit difference from 5.8 to 8.5); gradient norm clipped to 1. Steps continue the data
    seeds, so the first ``steps`` are the same run whatever ``polish_steps`` is.
 5. ``save_pretrained`` (safetensors, fp32) into the output directory, the ``ioi-tiny`` checkpoint that
    ``attrpatch.load_model("ioi-tiny")`` loads. ``python -m attrpatch.evaluate ioi-tiny`` measures it.
@@ -36,6 +36,7 @@ from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from attrpatch.errors import AttrpatchError
+from attrpatch.metrics import ids_logit_diff
 from attrpatch.models import CHECKPOINTS, load_tokenizer
 from attrpatch.tasks import make_batch
 
@@ -145,7 +146,7 @@ def _train(cfg: TrainConfig, progress: bool) -> GPT2LMHeadModel:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         with torch.no_grad():  # smoothed training metrics for the progress bar
-            diff = logits.gather(1, batch.answer_ids[:, None]) - logits.gather(1, batch.wrong_ids[:, None])
+            diff = ids_logit_diff(logits, batch.answer_ids, batch.wrong_ids)
             ema = diff.mean() if ema is None else 0.9 * ema + 0.1 * diff.mean()
         if step % 10 == 0 or step == total - 1:
             bar.set_postfix(loss=f"{loss.item():.3f}", logit_diff=f"{ema.item():.2f}")
