@@ -38,7 +38,7 @@ from attrpatch.tasks import PromptBatch, make_batch
 log = logging.getLogger(__name__)
 
 EVAL_SEED = 7  # any seed works for the test split; training uses seeds >= 100_000 on the train split
-EVAL_PROMPTS = 500  # standard error of the mean logit difference ~0.05 at this size
+EVAL_PROMPTS = 500  # standard error of the mean logit difference, ioi-tiny: 0.24 clean, 0.40 abc-corrupted
 CIRCUIT_PROMPTS = 64  # one shard: exact patching of the 8 heads takes seconds
 CHUNK = 128  # prompts per forward: logits at the answer position are chunk × 50257 floats
 # (task, corruption, split): the held-out IOI set, then the other tasks the model was not trained on.

@@ -50,7 +50,7 @@ def main() -> None:
         if model is None:
             from conftest import save_random_gpt2
 
-            model = save_random_gpt2(os.path.join(tmp, "ioi-tiny-shape"), seed=0, n_layer=4, n_head=4, n_embd=128,
+            model = save_random_gpt2(os.path.join(tmp, "random-4-layer"), seed=0, n_layer=4, n_head=4, n_embd=128,
                                      n_positions=64)
         cfg = SweepConfig(
             name="bench", models=(model,), tasks=("ioi",), methods=tuple(args.methods.split(",")),

@@ -1,11 +1,11 @@
 """Activation patching equals TransformerLens 4.3 ``patching`` and a one-patch-per-forward loop, on two shapes.
 
-    .venv/bin/python -m pytest -q tests/test_activation.py            # ~3 min on 2 cores, TL full grids included
+    .venv/bin/python -m pytest -q tests/test_activation.py            # ~2 min here, TL full grids included
 
 Oracles: (1) TransformerLens ``patching.get_act_patch_*`` run on the bridge, per prompt (``reduce="none"``),
 on a sample of cells of every granularity, and on the full grids of every granularity, composites included
-(~25 s per shape and direction: TL needs ~0.1 s per patched forward here); (2) ``_reference``, a literal loop with one patch
-per ``engine.forward`` over every cell of every granularity. Plus chunking, padding and config rules.
+(~25 s per shape and direction: TL needs ~0.1 s per patched forward here); (2) ``_reference``, a literal
+loop with one patch per ``engine.forward`` over every cell of every granularity. Plus chunking, padding and config rules.
 """
 
 from __future__ import annotations
