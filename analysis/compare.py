@@ -1,24 +1,29 @@
-"""How well each approximation matches exact patching, per model × task × component kind × direction.
+"""How well each approximation matches exact patching: one join, one set of statistics, one set of figures.
 
     python -m analysis.compare ROOT [--out DIR] [--wandb]
 
-For every approximation method against its exact reference — node methods (``attribution`` …) against
-``activation``, edge methods (``edge_attribution``, ``eap_ig`` …) against ``edge_activation`` — joined on the
-index columns (``analysis.query.pair_sql``), one row per (level, model, task, kind, direction, method):
+The end of every sweep calls these same functions (``sweeps.summary``), so the table a sweep prints and the
+one this command writes are the same numbers.
 
-* ``n_scores`` — joined scores; ``pearson`` — ``corr(score, exact)``;
-* ``spearman`` — Pearson correlation of the average ranks (ties share their mean rank, as scipy does);
-* ``recall_top10`` / ``recall_top5pct`` — |top-k(approx) ∩ top-k(exact)| / k, both by |score|, with
-  k = min(10, n) and k = ceil(5% of n) (ties broken by the index columns, so the result is deterministic);
-* ``sign_agreement`` — fraction of rows where sign(score) = sign(exact) (zero counts as its own sign).
+1. Pairs: every approximation beside every exact method of its table (``analysis.query.pair_sql``: pooled
+   over shards, brought to the coarser granularity of the two).
+2. Statistics per (level, model, task, kind, direction, method, reference, granularity), all in DuckDB over
+   every pair (out of core: ``memory_limit`` and a spill directory keep the driver's memory bounded):
 
-The kind is the ``component`` for nodes and ``src_component->dst_component`` for edges. Model size (for the
-x axis) comes from ``attrpatch.models.REGISTRY[model].n_params_m``, else from ``manifest.json``.
+   * ``n_scores``; ``pearson`` = ``corr(score, exact)``;
+   * ``spearman`` — Pearson correlation of the average ranks (ties share their mean rank, as scipy does);
+   * ``recall_top10`` / ``recall_top5pct`` — |top-k(approx) ∩ top-k(exact)| / k, both by |score|, with
+     k = min(10, n) and k = ceil(5% of n) (ties broken by the index columns, so the result is deterministic);
+   * ``sign_agreement`` — fraction of pairs with sign(score) = sign(exact) (zero counts as its own sign).
 
-Writes ``compare.md``, ``compare.csv``, ``correlation_by_size.png`` (RelP / AtP*-style: correlation against
-model size, one panel per kind) and ``scatter_<level>_<task>_<direction>_<method>.png`` (approximation
-against exact, models × kinds) to ``--out`` (default ``ROOT/plots``); ``--wandb`` logs them to W&B (offline
-unless ``--wandb-mode online``; the run directory is under ``--out``).
+   The kind is the ``component`` for nodes and ``src_component->dst_component`` for edges. Model size and
+   width come from the sweep manifest (``analysis.query.model_sizes``).
+3. Points for figures: a stratified sample, at most ``SCATTER_POINTS`` per (comparison, kind) facet, chosen by
+   a hash of the pair's index (deterministic); the figures state n and how many are drawn.
+
+Writes ``compare.md``, ``compare.csv``, ``correlation_by_size.png`` and one ``scatter_<…>.png`` per comparison
+(``analysis.plots``) to ``--out`` (default ``ROOT/plots``; a local directory); ``--wandb`` logs them, with the
+sampled points as a table and a native scatter per kind (``analysis.wandb_log``).
 """
 
 from __future__ import annotations
@@ -26,30 +31,25 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import re
+import sys
+import tempfile
 from pathlib import Path
 
 import duckdb
 import pandas as pd
 
-from analysis.query import (
-    EDGE_KEY,
-    EDGE_REFERENCE,
-    NODE_KEY,
-    NODE_REFERENCE,
-    model_sizes,
-    open_results,
-    table_dirs,
-)
+from analysis.query import Results, model_sizes, open_root
+from attrpatch.errors import AttrpatchError, ResultsError
+from attrpatch.results import EDGE_KEY, NODE_KEY, ResultsRoot
 
 log = logging.getLogger(__name__)
 
 TOP_K = 10  # the absolute top-k of the comparison (AtP* reports recall of the top handful of components)
 TOP_FRACTION = 0.05  # the relative top-k: 5% of the scored components
-SCATTER_POINTS = 2000  # points per scatter panel: enough to see the shape, small enough for a PNG
-SCATTER_COLUMNS = 5  # panels per row: 15 edge kinds wrap into a readable 3 × 5 block per model
-GROUP = ("level", "model", "task", "kind", "direction", "method")
-COLUMNS = (*GROUP, "n_params_m", "n_scores", "pearson", "spearman", "recall_top10", "recall_top5pct",
+SCATTER_POINTS = 2000  # points drawn per facet: enough to see the shape, small enough for a PNG and W&B
+MEMORY_LIMIT = "2GB"  # DuckDB's working memory for the end-of-sweep join and statistics; beyond it, it spills
+GROUP = ("level", "model", "task", "kind", "direction", "method", "reference", "granularity")
+COLUMNS = (*GROUP, "n_params_m", "d_model", "n_scores", "pearson", "spearman", "recall_top10", "recall_top5pct",
            "sign_agreement")
 
 
@@ -58,18 +58,20 @@ def _row_id(key: tuple[str, ...]) -> str:
 
 
 def pairs_sql(con: duckdb.DuckDBPyConnection) -> str:
-    """Step 1: one relation of (level, model, task, kind, direction, method, score, exact, rid) over the node
-    and edge pair views that exist."""
+    """Step 1: one relation of (GROUP…, layer, score, exact, rid) over the node and edge pair views present."""
     views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
     parts = []
     if "node_pairs" in views:
-        parts.append("SELECT 'nodes' AS level, model, task, component AS kind, direction, method, score, exact, "
-                     f"{_row_id(NODE_KEY)} AS rid FROM node_pairs")
+        parts.append("SELECT 'nodes' AS level, model, task, component AS kind, direction, method, reference, "
+                     f"granularity, layer, score, exact, {_row_id(NODE_KEY)} AS rid FROM node_pairs")
     if "edge_pairs" in views:
         parts.append("SELECT 'edges' AS level, model, task, src_component || '->' || dst_component AS kind, "
-                     f"direction, method, score, exact, {_row_id(EDGE_KEY)} AS rid FROM edge_pairs")
+                     "direction, method, reference, granularity, dst_layer AS layer, score, exact, "
+                     f"{_row_id(EDGE_KEY)} AS rid FROM edge_pairs")
     if not parts:
-        raise ValueError("the results have neither nodes nor edges tables: nothing to compare")
+        raise ResultsError("nothing to compare: the root has no approximation beside an exact method "
+                           "(run a method such as attribution with activation, or edge_attribution with "
+                           "edge_activation)")
     return " UNION ALL ".join(parts)
 
 
@@ -98,16 +100,42 @@ FROM k GROUP BY {g}
 """
 
 
-def compare(root: str | Path, node_reference: str = NODE_REFERENCE,
-            edge_reference: str = EDGE_REFERENCE) -> tuple[pd.DataFrame, duckdb.DuckDBPyConnection]:
-    """The comparison table (columns ``COLUMNS``) and the connection it came from."""
-    root = Path(root)
-    con = open_results(root, node_reference=node_reference, edge_reference=edge_reference)
-    df = con.execute(stats_sql(pairs_sql(con))).df()
-    sizes = model_sizes(root, sorted(df["model"].unique()) if len(df) else [])
-    df["n_params_m"] = df["model"].map(sizes).astype(float)
-    df = df.sort_values(["level", "task", "kind", "direction", "method", "n_params_m", "model"])
-    return df[list(COLUMNS)].reset_index(drop=True), con
+def sample_sql(pairs: str, counts: str, per_facet: int = SCATTER_POINTS) -> str:
+    """Step 3: at most ``per_facet`` pairs per group, chosen by the hash of the pair's index: a cheap hash
+    filter keeps ~2× the points (one pass, no sort of the whole table), then the lowest hashes are kept."""
+    g = ", ".join(GROUP)
+    return f"""
+WITH c AS ({counts}), p AS ({pairs}), thin AS (
+    SELECT p.*, hash(p.rid) AS h FROM p JOIN c USING ({g})
+    WHERE hash(p.rid) % greatest(1, c.n_scores // {2 * per_facet}) = 0
+)
+SELECT {g}, layer, score, exact FROM thin
+QUALIFY row_number() OVER (PARTITION BY {g} ORDER BY h) <= {per_facet}
+"""
+
+
+def compare(root: str | Path | ResultsRoot, exact: set[str] | None = None, memory_limit: str | None = MEMORY_LIMIT,
+            temp_directory: str | None = None) -> tuple[pd.DataFrame, Results]:
+    """Steps 1–2: the comparison table (columns ``COLUMNS``) and the opened root it came from."""
+    res = open_root(root, exact=exact, memory_limit=memory_limit,
+                    temp_directory=temp_directory or tempfile.gettempdir())
+    df = res.con.execute(stats_sql(pairs_sql(res.con))).df()
+    sizes = model_sizes(res.root, sorted(df["model"].unique()) if len(df) else [])
+    df["n_params_m"] = df["model"].map(lambda m: sizes[m][0]).astype(float)
+    df["d_model"] = df["model"].map(lambda m: sizes[m][1]).astype(float)
+    df = df.sort_values(["level", "model", "task", "method", "reference", "granularity", "direction", "kind"])
+    return df[list(COLUMNS)].reset_index(drop=True), res
+
+
+def sample_points(res: Results, df: pd.DataFrame, per_facet: int = SCATTER_POINTS) -> pd.DataFrame:
+    """Step 3 for the groups of ``df``: (GROUP…, layer, score, exact), at most ``per_facet`` rows per group."""
+    if df.empty:
+        return pd.DataFrame(columns=[*GROUP, "layer", "score", "exact"])
+    res.con.register("_counts", df[[*GROUP, "n_scores"]])
+    try:
+        return res.con.execute(sample_sql(pairs_sql(res.con), "SELECT * FROM _counts", per_facet)).df()
+    finally:
+        res.con.unregister("_counts")
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -122,146 +150,85 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _slug(*parts: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(parts))
+def figures(df: pd.DataFrame, points: pd.DataFrame, out: Path, by_size: bool = True) -> list[Path]:
+    """``correlation_by_size.png`` (with ``by_size``) and one scatter grid per comparison (``analysis.plots``)."""
+    from analysis import plots
 
-
-def plot_correlation_by_size(df: pd.DataFrame, path: Path) -> Path:
-    """Pearson (solid) and Spearman (dashed) against model size, one panel per (level, kind)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = df[["level", "kind"]].drop_duplicates().sort_values(["level", "kind"]).itertuples(index=False)
-    panels = list(panels)
-    cols = min(4, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False, sharey=True)
-    for ax, (level, kind) in zip(axes.flat, panels, strict=False):
-        sub = df[(df["level"] == level) & (df["kind"] == kind)]
-        for (task, direction, method), line in sub.groupby(["task", "direction", "method"]):
-            line = line.sort_values("n_params_m")
-            (h,) = ax.plot(line["n_params_m"], line["pearson"], "o-", label=f"{method} {direction} {task}")
-            ax.plot(line["n_params_m"], line["spearman"], "s--", color=h.get_color(), alpha=0.6)
-        ax.set_xscale("log")
-        ax.set_title(f"{kind} ({level})", fontsize=9)
-        ax.set_xlabel("parameters (M)")
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.legend(fontsize=6)
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
-    axes[0, 0].set_ylabel("correlation with exact\n(solid Pearson, dashed Spearman)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_scatter_grids(con: duckdb.DuckDBPyConnection, df: pd.DataFrame, out: Path) -> list[Path]:
-    """One figure per (level, task, direction, method): approximation against exact, models × kinds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    g = ", ".join(GROUP)
-    points = con.execute(f"""
-        WITH p AS ({pairs_sql(con)})
-        SELECT {g}, score, exact FROM p
-        QUALIFY row_number() OVER (PARTITION BY {g} ORDER BY hash(rid)) <= {SCATTER_POINTS}""").df()
-    order = df.drop_duplicates("model").sort_values("n_params_m")["model"].tolist()
-    paths = []
-    for (level, task, direction, method), fig_pts in points.groupby(["level", "task", "direction", "method"]):
-        models = [m for m in order if m in set(fig_pts["model"])]
-        kinds = sorted(fig_pts["kind"].unique())
-        panels = [(m, k) for m in models for k in kinds]  # model-major: each model's kinds wrap together
-        cols = min(SCATTER_COLUMNS, len(kinds))
-        rows = math.ceil(len(panels) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.5 * rows), squeeze=False)
-        for ax in axes.flat[len(panels):]:
-            ax.axis("off")
-        for ax, (model, kind) in zip(axes.flat, panels, strict=False):
-            cell = fig_pts[(fig_pts["model"] == model) & (fig_pts["kind"] == kind)]
-            if cell.empty:
-                ax.axis("off")
-                continue
-            ax.scatter(cell["exact"], cell["score"], s=3, alpha=0.5)
-            lo = min(cell["exact"].min(), cell["score"].min())
-            hi = max(cell["exact"].max(), cell["score"].max())
-            ax.plot([lo, hi], [lo, hi], color="grey", lw=0.5)
-            ax.set_title(f"{model} · {kind}", fontsize=7)
-            ax.tick_params(labelsize=6)
-        fig.supxlabel("exact patching")
-        fig.supylabel(f"{method} ({direction})")
-        fig.tight_layout()
-        path = out / f"scatter_{_slug(level, task, direction, method)}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def log_to_wandb(df: pd.DataFrame, figures: list[Path], out: Path, project: str, mode: str) -> str:
-    """Log the table and figures to W&B (offline by default); returns the run directory."""
-    import wandb
-
-    run = wandb.init(project=project, job_type="compare", dir=str(out), mode=mode)
-    try:
-        run.log({"compare": wandb.Table(dataframe=df)})
-        run.log({f"plots/{p.stem}": wandb.Image(str(p)) for p in figures})
-        return str(Path(run.dir).parent)
-    finally:
-        run.finish()
+    out.mkdir(parents=True, exist_ok=True)
+    several = df["model"].nunique() > 1  # one model has no size axis to draw
+    written = [plots.correlation_by_size(df, out / "correlation_by_size.png")] if by_size and several else []
+    for key, facet_stats in df.groupby(["level", "model", "task", "method", "reference", "granularity", "direction"]):
+        level, model, task, method, reference, gran, direction = key
+        sel = points
+        for col, v in zip(("level", "model", "task", "method", "reference", "granularity", "direction"), key, strict=True):
+            sel = sel[sel[col] == v]
+        name = plots.slug("scatter", level, model, task, method, reference, gran, direction) + ".png"
+        title = f"{model} · {task} · {direction}\n{method} vs {reference} ({level}, per {gran})"
+        written.append(plots.scatter_grid(title, facet_stats, sel, out / name, xlabel=f"{method} score",
+                                          ylabel=f"{reference} score (ground truth)"))
+    return written
 
 
 def run(root: str | Path, out: str | Path | None = None, use_wandb: bool = False, project: str = "attrpatch",
-        mode: str = "offline", node_reference: str = NODE_REFERENCE,
-        edge_reference: str = EDGE_REFERENCE) -> tuple[pd.DataFrame, list[Path]]:
+        mode: str = "offline", exact: set[str] | None = None) -> tuple[pd.DataFrame, list[Path]]:
     """Everything the CLI does; returns the table and the written files."""
-    root = Path(root)
-    out = Path(out) if out is not None else root / "plots"
-    out.mkdir(parents=True, exist_ok=True)
-    df, con = compare(root, node_reference, edge_reference)
+    root_ = ResultsRoot(str(root))
+    if out is None:
+        if not root_.local:
+            raise ResultsError(f"{root_.display()} is not a local directory: pass --out DIR for the table and figures")
+        out = Path(root_.path("plots"))
+    out = Path(out)
+    df, res = compare(root_, exact)
     if df.empty:
-        log.warning("no approximation joined with its reference (%s / %s) in %s: tables present %s",
-                    node_reference, edge_reference, root, table_dirs(root))
+        log.warning("no approximation joined with an exact method in %s (tables present: %s)", root_.display(),
+                    res.tables)
+    points = sample_points(res, df)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(to_markdown(df))
     df.to_csv(out / "compare.csv", index=False)
-    figures = []
+    written = [out / "compare.md", out / "compare.csv"]
     if not df.empty:
-        figures = [plot_correlation_by_size(df, out / "correlation_by_size.png"), *plot_scatter_grids(con, df, out)]
-    written = [out / "compare.md", out / "compare.csv", *figures]
+        written += figures(df, points, out)
     if use_wandb:
-        log.info("W&B run directory: %s", log_to_wandb(df, figures, out, project, mode))
+        from analysis.wandb_log import log_comparison
+
+        run_dir = log_comparison(df, points, [p for p in written if p.suffix == ".png"], out, project=project,
+                                 mode=mode, name=f"compare/{root_.display().rstrip('/').rsplit('/', 1)[-1]}",
+                                 job_type="compare")
+        log.info("W&B run directory: %s", run_dir)
     return df, written
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    ap = argparse.ArgumentParser(prog="python -m analysis.compare", description=__doc__.split("\n\n")[2])
-    ap.add_argument("root", help="results root written by a sweep")
+    ap = argparse.ArgumentParser(prog="python -m analysis.compare", description=__doc__.split("\n\n")[0])
+    ap.add_argument("root", help="results root written by a sweep (directory or pyarrow.fs URI)")
     ap.add_argument("--out", default=None, help="output directory (default ROOT/plots)")
-    ap.add_argument("--wandb", action="store_true", help="log the table and figures to W&B")
+    ap.add_argument("--wandb", action="store_true", help="log the table, figures and sampled points to W&B")
     ap.add_argument("--wandb-project", default="attrpatch")
     ap.add_argument("--wandb-mode", default="offline", choices=("offline", "online"),
                     help="offline by default: no network needed; `wandb sync` uploads later")
-    ap.add_argument("--node-reference", default=NODE_REFERENCE)
-    ap.add_argument("--edge-reference", default=EDGE_REFERENCE)
+    ap.add_argument("--exact", action="append", default=None,
+                    help="a reference method (repeatable); default: every exact method in the root")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    df, written = run(args.root, args.out, args.wandb, args.wandb_project, args.wandb_mode,
-                      args.node_reference, args.edge_reference)
+    try:
+        df, written = run(args.root, args.out, args.wandb, args.wandb_project, args.wandb_mode,
+                          set(args.exact) if args.exact else None)
+    except (AttrpatchError, duckdb.Error) as e:
+        sys.stderr.write(f"error: {str(e).splitlines()[0]}\n")
+        return 2
     table = Table(*df.columns, title=f"approximation vs exact patching: {args.root}")
     for row in df.itertuples(index=False):
         table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
-    console = Console(width=200)
+    console = Console(width=220)
     console.print(table)
     for p in written:
         console.print(f"wrote {p}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

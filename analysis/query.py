@@ -1,79 +1,116 @@
 """Open a results root as DuckDB views, so a user's script is a few lines of SQL or a DataFrame.
 
-    python -c "from analysis.query import open_results; print(open_results('ROOT').sql('select * from nodes limit 5'))"
+    python -c "from analysis.query import open_results; print(open_results('results/default').sql('select * from nodes limit 5'))"
 
-Views (each exists only when its directory holds Parquet files; Hive partitions give the columns ``model``,
-``task`` and ``method`` as strings):
+Any root a sweep can write opens: a local directory, or a ``pyarrow.fs`` URI (``s3://bucket/prefix``, with
+``?endpoint_override=HOST:PORT&scheme=http`` for an S3-compatible server). Views (each exists only when its
+directory holds Parquet parts; the Hive partitions ``model``, ``task``, ``method`` are strings):
 
-* ``nodes``, ``edges``, ``prompts`` — the tables of the results contract (``../shared/DESIGN.md``);
+* ``nodes``, ``edges``, ``prompts`` — the tables of the results contract (``attrpatch.results``);
 * one view per extra table directory (e.g. ``faithfulness``), read the same way;
-* ``node_pairs`` / ``edge_pairs`` — every approximation joined with its exact reference on the index
-  columns (``score`` = the approximation, ``exact`` = the reference); see ``pair_sql``;
+* ``node_pairs`` / ``edge_pairs`` — every approximation beside every exact method of its table (``score``,
+  ``exact``, ``reference``), see ``pair_sql``;
 * ``faithfulness_curves`` — faithfulness pooled over prompt shards, with CPR and CMD per curve;
-* ``models`` — ``model``, ``n_params_m`` for every model directory (registry first, then ``manifest.json``;
-  NULL when unknown).
+* ``models`` — ``model``, ``n_params_m``, ``d_model`` per model (the sweep manifest first, then the registry,
+  then a local checkpoint the manifest names; NULL when unknown).
 
-Rows are first pooled over shards (a weighted mean by ``n_prompts`` of the rows that share a key), so
-shard-mean rows (``prompt`` null) from several shards join one-to-one, and per-prompt rows are unchanged.
+Pairing (``pair_sql``), per (approximation, exact method, direction, component kind):
+
+1. Pool each method over shards: rows sharing every key column get the ``n_prompts``-weighted mean of
+   ``score`` (per-prompt rows are unchanged; shard means of several shards become one mean).
+2. Find each side's granularities (``prompt`` null or not, ``pos`` null or not, ``src_pos`` null or not).
+   For every granularity of the exact side, take the approximation's granularity closest to it and bring
+   both to the coarser of the two on each axis: positions are summed away (the position-summed attribution
+   estimates the all-positions patch), prompts averaged. So any two methods pair, whatever each was
+   configured with; the ``granularity`` column names the level the pair was compared at.
+3. Join on the remaining key columns, nulls equal to nulls.
 """
 
 from __future__ import annotations
 
-import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 import pandas as pd
 
-from attrpatch.errors import AttrpatchError
+from attrpatch.errors import ResultsError
+from attrpatch.results import EDGE_KEY, NODE_KEY, ResultsRoot
 
-CONTRACT_TABLES = ("nodes", "edges", "prompts")
-NODE_KEY = ("direction", "component", "layer", "head", "pos", "src_pos", "prompt")
-EDGE_KEY = ("direction", "src_component", "src_layer", "src_head", "dst_component", "dst_layer", "dst_head",
-            "pos", "prompt")
+__all__ = ["ResultsError", "open_results", "pair_sql", "model_sizes", "Results"]
+
 PARTITIONS = ("model", "task")
-NODE_REFERENCE = "activation"  # exact activation patching: the ground truth for node scores
-EDGE_REFERENCE = "edge_activation"  # exact edge patching: the ground truth for edge scores
-NOT_TABLES = ("plots", "wandb")  # directories under ROOT that hold figures or W&B runs (and _*/.*: bookkeeping)
+NODE_IDENTITY = ("component", "layer", "head")  # which component (besides direction and the axes)
+EDGE_IDENTITY = ("src_component", "src_layer", "src_head", "dst_component", "dst_layer", "dst_head")
+AXES = {"nodes": ("prompt", "pos", "src_pos"), "edges": ("prompt", "pos")}
+IDENTITY = {"nodes": NODE_IDENTITY, "edges": EDGE_IDENTITY}
+KIND = {"nodes": "component", "edges": "src_component || '->' || dst_component"}
 
 
-class ResultsError(AttrpatchError):
-    """A results root that cannot be read; the message says what is missing."""
+@dataclass
+class Results:
+    """An opened root: the connection and what it holds."""
+
+    con: duckdb.DuckDBPyConnection
+    root: ResultsRoot
+    tables: list[str]
 
 
-def _glob(root: Path, table: str) -> str:
-    return str(root / table / "**" / "*.parquet")
+def _granularity(axes: tuple[str, ...], present: tuple[bool, ...]) -> str:
+    kept = [a for a, p in zip(axes, present, strict=True) if p]
+    return "×".join(kept) if kept else "mean"
 
 
-def table_dirs(root: str | Path) -> list[str]:
-    """Names of the directories under ``root`` that hold Parquet part files (contract tables first)."""
-    root = Path(root)
-    found = [d.name for d in sorted(root.iterdir()) if d.is_dir() and d.name not in NOT_TABLES
-             and d.name[0] not in "._" and next(d.rglob("*.parquet"), None) is not None]
-    return [t for t in CONTRACT_TABLES if t in found] + [t for t in found if t not in CONTRACT_TABLES]
+def _side_sql(table: str, method: str, direction: str, kind_filter: str, have: tuple[bool, ...],
+              target: tuple[bool, ...]) -> str:
+    """Step 2 for one side: the pooled rows of one granularity, aggregated to ``target`` (present axes)."""
+    axes, ident = AXES[table], IDENTITY[table]
+    sig = " AND ".join(f"{a} IS {'NOT ' if h else ''}NULL" for a, h in zip(axes, have, strict=True))
+    keep_pos = [a for a, t in zip(axes, target, strict=True) if t and a != "prompt"]
+    inner_cols = ", ".join((*PARTITIONS, "direction", *ident, *keep_pos, "prompt"))
+    outer_keep = [*keep_pos, *(["prompt"] if target[0] else [])]
+    outer_cols = ", ".join((*PARTITIONS, "direction", *ident, *outer_keep))
+    nulls = ", ".join(f"NULL::{'INTEGER' if a == 'prompt' else 'SMALLINT'} AS {a}" for a, t in zip(axes, target, strict=True) if not t)
+    select_extra = (", " + nulls) if nulls else ""
+    m = method.replace("'", "''")
+    return (f"SELECT {outer_cols}{select_extra}, sum(s * n) / sum(n) AS score, sum(n) AS n_prompts FROM ("
+            f"SELECT {inner_cols}, sum(score) AS s, any_value(n_prompts) AS n FROM _pooled_{table} "
+            f"WHERE method = '{m}' AND direction = '{direction}' AND {kind_filter} AND {sig} "
+            f"GROUP BY {inner_cols}) GROUP BY {outer_cols}")
 
 
-def _null_safe(cols: tuple[str, ...], left: str, right: str) -> str:
-    return " AND ".join(f"{left}.{c} IS NOT DISTINCT FROM {right}.{c}" for c in cols)
-
-
-def pair_sql(table: str, key: tuple[str, ...], reference: str) -> str:
-    """SQL joining every method of ``table`` except ``reference`` with ``reference`` on ``key``.
-
-    Step 1: pool each side over shards (weighted mean of ``score`` by ``n_prompts`` per key).
-    Step 2: join approximation and reference on model, task and the key, nulls equal to nulls.
-    """
-    ref = reference.replace("'", "''")
-    cols = ", ".join((*PARTITIONS, "method", *key))
-    pooled = (f"SELECT {cols}, sum(score * n_prompts) / sum(n_prompts) AS score, sum(n_prompts) AS n_prompts "
-              f"FROM {table} GROUP BY {cols}")
-    join_cols = (*PARTITIONS, *key)
-    select = ", ".join(f"a.{c}" for c in (*PARTITIONS, "method", *key))
-    return (f"WITH pooled AS ({pooled}) "
-            f"SELECT {select}, a.score AS score, r.score AS exact, a.n_prompts AS n_prompts "
-            f"FROM pooled a JOIN pooled r ON {_null_safe(join_cols, 'a', 'r')} "
-            f"WHERE r.method = '{ref}' AND a.method <> '{ref}'")
+def pair_sql(con: duckdb.DuckDBPyConnection, table: str, exact: set[str]) -> str | None:
+    """SQL of every (approximation, exact) pair of ``table`` (steps 2–3 of the module docstring); None when
+    nothing pairs. Expects the view ``_pooled_<table>`` (step 1)."""
+    axes, ident = AXES[table], IDENTITY[table]
+    kind = KIND[table]
+    flags = ", ".join(f"{a} IS NOT NULL" for a in axes)
+    sigs = con.execute(f"SELECT DISTINCT method, direction, {kind} AS kind, {flags} FROM _pooled_{table}").fetchall()
+    by: dict[tuple, set[tuple]] = {}
+    for method, direction, k, *present in sigs:
+        by.setdefault((method, direction, k), set()).add(tuple(present))
+    parts = []
+    for (ref, direction, k), ref_sigs in sorted(by.items()):
+        if ref not in exact:
+            continue
+        for (method, d2, k2), approx_sigs in sorted(by.items()):
+            if method in exact or (d2, k2) != (direction, k):
+                continue
+            for ge in sorted(ref_sigs):
+                # the approximation's granularity sharing most axes with the exact one (finer wins ties)
+                ga = max(sorted(approx_sigs), key=lambda g, ge=ge: (sum(a == b for a, b in zip(g, ge, strict=True)),
+                                                                    sum(g)))
+                target = tuple(a and b for a, b in zip(ga, ge, strict=True))
+                kf = f"{kind} = '{k}'"
+                a_sql = _side_sql(table, method, direction, kf, ga, target)
+                e_sql = _side_sql(table, ref, direction, kf, ge, target)
+                on = " AND ".join(f"a.{c} IS NOT DISTINCT FROM e.{c}" for c in (*PARTITIONS, "direction", *ident, *axes))
+                cols = ", ".join(f"a.{c}" for c in (*PARTITIONS, "direction", *ident, *axes))
+                parts.append(f"SELECT {cols}, '{method}' AS method, '{ref}' AS reference, "
+                             f"'{_granularity(axes, target)}' AS granularity, a.score AS score, e.score AS exact, "
+                             f"a.n_prompts AS n_prompts FROM ({a_sql}) a JOIN ({e_sql}) e ON {on}")
+    return " UNION ALL ".join(parts) if parts else None
 
 
 FAITHFULNESS_CURVES_SQL = """
@@ -101,85 +138,126 @@ WINDOW c AS (PARTITION BY model, task, method, direction, ranking, level, ablati
 """
 
 
-def _manifest_sizes(root: Path) -> dict[str, float]:
-    """Model sizes named anywhere in manifest.json as {"name": M, "n_params_m": x} or {M: {"n_params_m": x}}."""
-    path = root / "manifest.json"
-    if not path.exists():
+def manifest(root: ResultsRoot) -> dict:
+    try:
+        return root.read_json("manifest.json") if root.exists("manifest.json") else {}
+    except (OSError, ValueError):
         return {}
-    found: dict[str, float] = {}
-
-    def walk(x) -> None:
-        if isinstance(x, dict):
-            if "n_params_m" in x and isinstance(x.get("name"), str):
-                found[x["name"]] = float(x["n_params_m"])
-            for k, v in x.items():
-                if isinstance(v, dict) and "n_params_m" in v and "name" not in v:
-                    found[k] = float(v["n_params_m"])
-                walk(v)
-        elif isinstance(x, list):
-            for v in x:
-                walk(v)
-
-    walk(json.loads(path.read_text()))
-    return found
 
 
-def _manifest_paths(root: Path) -> dict[str, str]:
-    """{model name: checkpoint directory} from the manifest's ``models`` map (local checkpoints)."""
-    path = root / "manifest.json"
-    models = json.loads(path.read_text()).get("models") if path.exists() else None
-    return {k: v for k, v in models.items() if isinstance(v, str)} if isinstance(models, dict) else {}
+def model_sizes(root: ResultsRoot | str | Path, models: list[str]) -> dict[str, tuple[float, float]]:
+    """(millions of parameters, d_model) per model: the sweep manifest first (it records both), then
+    ``attrpatch.models`` (registry or a local checkpoint the manifest points to), else NaN."""
+    from attrpatch.errors import ModelError
+    from attrpatch.models import REGISTRY, model_shape, resolve_spec
 
-
-def model_sizes(root: str | Path, models: list[str]) -> dict[str, float]:
-    """Millions of parameters per model: ``attrpatch.models.REGISTRY`` first, then sizes named in the
-    manifest, then the estimate of a local checkpoint the manifest points to, else NaN."""
-    from attrpatch.models import REGISTRY, ModelLoadError, resolve_spec
-
-    root = Path(root)
-    sizes, paths = _manifest_sizes(root), _manifest_paths(root)
+    root = root if isinstance(root, ResultsRoot) else ResultsRoot(str(root))
+    recorded = manifest(root).get("models")
+    recorded = recorded if isinstance(recorded, dict) else {}
     out = {}
     for m in models:
-        if m in REGISTRY:
-            out[m] = REGISTRY[m].n_params_m
-        elif m in sizes:
-            out[m] = sizes[m]
-        else:
-            try:
-                out[m] = resolve_spec(paths[m]).n_params_m if m in paths else math.nan
-            except ModelLoadError:  # the checkpoint moved since the sweep: size unknown
-                out[m] = math.nan
+        info = recorded.get(m)
+        if isinstance(info, dict) and "n_params" in info:
+            out[m] = (info["n_params"] / 1e6, float(info.get("d_model", math.nan)))
+            continue
+        source = info.get("source") if isinstance(info, dict) else info if isinstance(info, str) else None
+        try:
+            spec = REGISTRY[m] if m in REGISTRY else resolve_spec(source) if source else None
+            shape = model_shape(spec) if spec is not None else None
+        except (ModelError, OSError, ValueError):
+            shape = None
+        out[m] = (shape.n_params / 1e6, float(shape.d_model)) if shape is not None else (math.nan, math.nan)
     return out
 
 
-def open_results(root: str | Path, con: duckdb.DuckDBPyConnection | None = None,
-                 node_reference: str = NODE_REFERENCE, edge_reference: str = EDGE_REFERENCE) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with one view per table of the results root (see the module docstring);
-    ``node_pairs`` / ``edge_pairs`` compare every method with ``node_reference`` / ``edge_reference``."""
-    root = Path(root)
+def _exact_methods(methods: set[str]) -> set[str]:
+    """The exact (ground-truth) methods among ``methods``, from the registry."""
+    from attrpatch.methods import METHODS, load_builtin_methods
+
+    load_builtin_methods()
+    return {m for m in methods if m in METHODS and METHODS[m].exact}
+
+
+def open_results(root: str | Path | ResultsRoot, con: duckdb.DuckDBPyConnection | None = None,
+                 exact: set[str] | None = None, memory_limit: str | None = None,
+                 temp_directory: str | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with one view per table of the results root (see the module docstring).
+    ``exact`` names the reference methods (default: the registry's exact methods present); ``memory_limit``
+    (e.g. ``"3GB"``) and ``temp_directory`` make DuckDB spill to disk instead of growing."""
+    return open_root(root, con, exact, memory_limit, temp_directory).con
+
+
+def open_root(root: str | Path | ResultsRoot, con: duckdb.DuckDBPyConnection | None = None,
+              exact: set[str] | None = None, memory_limit: str | None = None,
+              temp_directory: str | None = None) -> Results:
+    """``open_results`` with what it found (the root and its tables)."""
+    root = root if isinstance(root, ResultsRoot) else ResultsRoot(str(root))
     if not root.is_dir():
-        raise ResultsError(f"results root {str(root)!r} is not a directory: pass the ROOT a sweep wrote "
+        raise ResultsError(f"results root {root.display()} is not a directory: pass the ROOT a sweep wrote "
                            "(it holds manifest.json, nodes/, edges/, prompts/)")
-    tables = table_dirs(root)
+    tables = root.tables()
     if not tables:
-        raise ResultsError(f"no Parquet files under {str(root)!r}: run a sweep into it first, or pass the right "
+        raise ResultsError(f"no Parquet files under {root.display()}: run a sweep into it first, or pass the right "
                            "ROOT (tables live in ROOT/nodes/model=M/task=T/method=X/part-*.parquet)")
     con = con or duckdb.connect()
+    if memory_limit:
+        con.execute(f"SET memory_limit = '{memory_limit}'")
+        con.execute("SET preserve_insertion_order = false")
+    if temp_directory:
+        con.execute(f"SET temp_directory = '{temp_directory}'")
     for t in tables:
-        path = _glob(root, t).replace("'", "''")
-        con.execute(f"CREATE OR REPLACE VIEW {t} AS SELECT * FROM read_parquet('{path}', "
-                    "hive_partitioning = true, hive_types_autocast = false, union_by_name = true)")
-    for table, key, ref, view in (("nodes", NODE_KEY, node_reference, "node_pairs"),
-                                  ("edges", EDGE_KEY, edge_reference, "edge_pairs")):
+        _register(con, root, t)
+    methods: set[str] = set()
+    for table in ("nodes", "edges"):
         if table in tables:
-            con.execute(f"CREATE OR REPLACE VIEW {view} AS {pair_sql(table, key, ref)}")
-    models = sorted({d.name.split("=", 1)[1] for t in tables for d in (root / t).glob("model=*") if d.is_dir()})
+            methods |= {r[0] for r in con.execute(f"SELECT DISTINCT method FROM {table}").fetchall()}
+    refs = exact if exact is not None else _exact_methods(methods)
+    for table, key, view in (("nodes", NODE_KEY, "node_pairs"), ("edges", EDGE_KEY, "edge_pairs")):
+        if table not in tables:
+            continue
+        cols = ", ".join((*PARTITIONS, "method", *key))
+        con.execute(f"CREATE OR REPLACE VIEW _pooled_{table} AS SELECT {cols}, "
+                    f"sum(score * n_prompts) / sum(n_prompts) AS score, sum(n_prompts) AS n_prompts "
+                    f"FROM {table} GROUP BY {cols}")
+        sql = pair_sql(con, table, refs)
+        if sql is not None:
+            con.execute(f"CREATE OR REPLACE VIEW {view} AS {sql}")
+    models = sorted({r[0] for t in tables for r in con.execute(f"SELECT DISTINCT model FROM {t}").fetchall()})
     sizes = model_sizes(root, models)
     frame = pd.DataFrame({"model": pd.Series(models, dtype=object),
-                          "n_params_m": pd.Series([sizes[m] for m in models], dtype=float)})
+                          "n_params_m": pd.Series([sizes[m][0] for m in models], dtype=float),
+                          "d_model": pd.Series([sizes[m][1] for m in models], dtype=float)})
     con.register("_models_frame", frame)
     con.execute("CREATE OR REPLACE TEMP TABLE models AS SELECT * FROM _models_frame")
     con.unregister("_models_frame")
     if "faithfulness" in tables:
         con.execute(f"CREATE OR REPLACE VIEW faithfulness_curves AS {FAITHFULNESS_CURVES_SQL}")
-    return con
+    return Results(con, root, tables)
+
+
+def _register(con: duckdb.DuckDBPyConnection, root: ResultsRoot, table: str) -> None:
+    """A view over one table's parts: DuckDB reads a local root directly; any other file system through a
+    pyarrow dataset (streamed: nothing is loaded up front)."""
+    if root.local:
+        path = f"{root.path(table)}/**/*.parquet".replace("'", "''")
+        con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet('{path}', "
+                    "hive_partitioning = true, hive_types_autocast = false, union_by_name = true)")
+        return
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    files = [root.path(p) for p in root.list_files(table) if p.endswith(".parquet")
+             and not p.rsplit("/", 1)[-1].startswith(".")]
+    depth = max(p.count("=") for p in files)  # prompts: model, task; score tables: model, task, method
+    keys = pa.schema([(k, pa.string()) for k in ("model", "task", "method")[:depth]])
+    dataset = ds.dataset(files, filesystem=root.fs, format="parquet",
+                         partitioning=ds.partitioning(keys, flavor="hive"), partition_base_dir=root.path(table))
+    con.register(f"_arrow_{table}", dataset)
+    con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM _arrow_{table}")
+
+
+def table_dirs(root: str | Path | ResultsRoot) -> list[str]:
+    """Names of the directories under ``root`` that hold Parquet part files (contract tables first)."""
+    root = root if isinstance(root, ResultsRoot) else ResultsRoot(str(root))
+    return root.tables() if root.is_dir() else []
+

@@ -1,4 +1,4 @@
-"""The component vocabulary (``../shared/DESIGN.md``) and the one place that spells hook names.
+"""The component vocabulary (``docs/DESIGN.md``) and the one place that spells site and hook names.
 
     python -c "from attrpatch.components import NODE_KINDS, hook_name; print(NODE_KINDS, hook_name('head_q', 3))"
 
@@ -32,15 +32,14 @@ RESID_KINDS = ("resid_pre", "resid_mid", "resid_post")
 LAYER_KINDS = ("attn_out", "mlp_out")
 HEAD_VECTOR_KINDS = ("head_out", "head_q", "head_k", "head_v")
 NODE_KINDS = ("embed", "pos_embed", *RESID_KINDS, *LAYER_KINDS, *HEAD_VECTOR_KINDS, "head_pattern")
-HEAD_KINDS = (*HEAD_VECTOR_KINDS, "head_pattern")
 
-# Edge vocabulary: sources write to the residual stream, targets read it.
-EDGE_SRC_KINDS = ("embed", "head_out", "mlp_out")
-EDGE_DST_KINDS = ("head_q", "head_k", "head_v", "mlp_in", "logits")
-# Engine sites that hold each edge target's input (split per head for q/k/v).
+# Edges: sources write to the residual stream (embed, head_out, mlp_out), targets read it. The engine site
+# that holds each target's input (split per head for q/k/v; ``engine.forward(split=True)``):
 DST_INPUT_SITE = {"head_q": "head_q_in", "head_k": "head_k_in", "head_v": "head_v_in",
                   "mlp_in": "mlp_in", "logits": "logits"}
-DIRECTIONS = ("denoise", "noise")
+QKV = ("head_q", "head_k", "head_v")
+QKV_INPUT_SITES = tuple(DST_INPUT_SITE[k] for k in QKV)  # the engine's per-head q/k/v input sites, in order
+DIRECTIONS = ("denoise", "noise")  # denoise: run corrupted, patch clean (TL `patching`); noise: the reverse
 
 
 @dataclass(frozen=True, order=True)
@@ -76,16 +75,3 @@ def hook_name(kind: str, layer: int = 0) -> str:
         return _TL_HOOKS[kind].format(layer=layer)
     except KeyError:
         raise ValueError(f"no TransformerLens hook for component {kind!r}; known: {sorted(_TL_HOOKS)}") from None
-
-
-def check_kind(kind: str, allowed: tuple[str, ...] = NODE_KINDS) -> str:
-    if kind not in allowed:
-        raise ValueError(f"unknown component kind {kind!r}: use one of {list(allowed)}")
-    return kind
-
-
-def check_direction(direction: str) -> str:
-    if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}: use 'denoise' (run corrupted, patch clean) "
-                         "or 'noise' (run clean, patch corrupted)")
-    return direction

@@ -1,22 +1,40 @@
-"""A functional GPT-2 forward over a bridge's weights, with an edit callback at every component site.
+"""The one GPT-2 forward of attrpatch: the bridge's own weights, an edit callback at every component site,
+and the modes every method needs.
 
     python -c "from attrpatch.engine import weights; from attrpatch import load_model; print(weights(load_model('ioi-tiny')).n_layers)"
 
-Why not the bridge's hooks: every method here needs things the hook path makes slow or impossible — starting
-a forward at layer L from a cached residual stream, many patched copies of a prompt along the batch axis,
-per-head q/k/v inputs for edge gradients, logits only at the answer position. The engine computes exactly
-what the bridge computes (``tests/test_engine.py`` checks logits and every activation against the bridge's
-``run_with_cache``), from the bridge's own weights, with no hooks at all.
+Why not the bridge's hooks: the methods need things the hook path makes slow or impossible — a forward
+that restarts at block L from a cached residual stream, that computes only the positions from p0 on
+(earlier keys and values come from a cache: attention is causal), many patched copies of a prompt along the
+batch axis, per-head q/k/v inputs for edge gradients, the last block at the answer position only, and a
+logit-difference readout that never forms the vocabulary-sized logits. The engine computes what the
+bridge computes (``tests/test_engine.py`` checks logits and every activation against the bridge's
+``run_with_cache``, in every mode), from the bridge's own parameter tensors: no copy of the weights is made.
 
-Sites, in the order ``edit(kind, layer, x)`` sees them (see ``components.py`` for shapes):
-``embed, pos_embed`` (layer 0), then per layer ``resid_pre``, [``head_q_in, head_k_in, head_v_in`` when
-``split``], ``head_q, head_k, head_v, head_pattern, head_out`` (z), ``attn_out, resid_mid``, [``mlp_in``
-when ``split``], ``mlp_out, resid_post``; last ``logits`` (layer n_layers, the input of ``ln_final``).
-An edit returns the tensor to use from then on: itself to observe, another tensor to patch.
+Modes (combine freely):
+
+* ``forward(w, tokens, answer_pos)``: logits at each row's answer position (``[row, vocab]``).
+* ``split=True``: every head gets its own q/k/v input and the MLP and unembedding their own input, so a
+  gradient with respect to those inputs is per edge target (values are unchanged).
+* ``start=Start(layer, resid, p0, past, prompt)``: restart at block ``layer`` from ``resid`` (the
+  residual stream entering it at positions ``p0 …``); keys and values of positions ``< p0`` come from
+  ``past`` (a ``KV`` cache of the unpatched run, row ``r`` reading prompt ``prompt[r]``).
+* ``answer_only=True``: the last block computes its query, attention and MLP at each row's answer position
+  only (keys and values still at every position), unless it is the block the forward starts at.
+* ``diff=(answer_ids, wrong_ids)``: return the logit difference ``ln_final(x) · (W_U[:, a] − W_U[:, b]) +
+  b_U[a] − b_U[b]`` (``[row]``) instead of logits.
+
+Sites, in the order ``edit(kind, layer, x)`` sees them (shapes in ``components.py``): ``embed, pos_embed``
+(layer 0), then per layer ``resid_pre``, [``head_q_in, head_k_in, head_v_in`` when split], ``head_q,
+head_k, head_v, head_pattern, head_out`` (z), ``attn_out, resid_mid``, [``mlp_in`` when split],
+``mlp_out, resid_post``; last ``logits`` (layer n_layers, the input of ``ln_final``). An edit returns the
+tensor to use from then on: itself to observe, another tensor to patch. Keys and values passed to an edit
+cover the computed positions only (not the cached ``< p0``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from collections.abc import Callable
@@ -24,189 +42,368 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import einsum
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from attrpatch.components import QKV_INPUT_SITES
 
 Edit = Callable[[str, int, Tensor], Tensor]
 
 
-def _identity(kind: str, layer: int, x: Tensor) -> Tensor:
+def identity(kind: str, layer: int, x: Tensor) -> Tensor:
+    """The edit that changes nothing."""
     return x
 
 
 @dataclass(frozen=True, eq=False)
+class Layer:
+    """One block's parameters, as the Hugging Face GPT-2 stores them (``Conv1D``: ``x @ W``); no copies."""
+
+    ln1_w: Float[Tensor, " d_model"]
+    ln1_b: Float[Tensor, " d_model"]
+    W_qkv: Float[Tensor, "d_model qkv"]  # qkv = 3 · head · d_head, ordered (q|k|v, head, d_head)
+    b_qkv: Float[Tensor, " qkv"]
+    W_O: Float[Tensor, "hd d_model"]  # hd = head · d_head
+    b_O: Float[Tensor, " d_model"]
+    ln2_w: Float[Tensor, " d_model"]
+    ln2_b: Float[Tensor, " d_model"]
+    W_in: Float[Tensor, "d_model d_mlp"]
+    b_in: Float[Tensor, " d_mlp"]
+    W_out: Float[Tensor, "d_mlp d_model"]
+    b_out: Float[Tensor, " d_model"]
+
+
+@dataclass(frozen=True, eq=False)
 class Weights:
-    """GPT-2 parameters in TransformerLens layout (``[layer, head, d_model, d_head]`` …), never trained."""
+    """GPT-2 parameters: per-layer views of the bridge's own tensors (``layers[L]``), never trained."""
 
     W_E: Float[Tensor, "vocab d_model"]
     W_pos: Float[Tensor, "n_ctx d_model"]
-    ln1_w: Float[Tensor, "layer d_model"]
-    ln1_b: Float[Tensor, "layer d_model"]
-    W_Q: Float[Tensor, "layer head d_model d_head"]
-    b_Q: Float[Tensor, "layer head d_head"]
-    W_K: Float[Tensor, "layer head d_model d_head"]
-    b_K: Float[Tensor, "layer head d_head"]
-    W_V: Float[Tensor, "layer head d_model d_head"]
-    b_V: Float[Tensor, "layer head d_head"]
-    W_O: Float[Tensor, "layer head d_head d_model"]
-    b_O: Float[Tensor, "layer d_model"]
-    ln2_w: Float[Tensor, "layer d_model"]
-    ln2_b: Float[Tensor, "layer d_model"]
-    W_in: Float[Tensor, "layer d_model d_mlp"]
-    b_in: Float[Tensor, "layer d_mlp"]
-    W_out: Float[Tensor, "layer d_mlp d_model"]
-    b_out: Float[Tensor, "layer d_model"]
+    layers: tuple[Layer, ...]
     lnf_w: Float[Tensor, " d_model"]
     lnf_b: Float[Tensor, " d_model"]
     W_U: Float[Tensor, "d_model vocab"]
     b_U: Float[Tensor, " vocab"]
+    n_heads: int
     eps: float
     act: str  # "gelu_new" (tanh approximation) or "gelu"
 
     @property
     def n_layers(self) -> int:
-        return self.W_Q.shape[0]
-
-    @property
-    def n_heads(self) -> int:
-        return self.W_Q.shape[1]
+        return len(self.layers)
 
     @property
     def d_model(self) -> int:
-        return self.W_Q.shape[2]
+        return self.W_E.shape[1]
 
     @property
     def d_head(self) -> int:
-        return self.W_Q.shape[3]
+        return self.d_model // self.n_heads
+
+    @property
+    def d_mlp(self) -> int:
+        return self.layers[0].W_in.shape[1]
 
     @property
     def device(self) -> torch.device:
         return self.W_E.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype: every matmul runs in it."""
+        return self.W_E.dtype
+
+    @property
+    def resid_dtype(self) -> torch.dtype:
+        """The residual stream's dtype: float32 under lower-precision weights (the stream is a long sum of
+        component writes; keeping it, LayerNorm, softmax and the readout in float32 keeps bfloat16 scores
+        within rounding of float32 ones), else the weights' own."""
+        return torch.float32 if self.dtype in (torch.bfloat16, torch.float16) else self.dtype
+
+    # Head-shaped views in TransformerLens' layout, for methods that contract per head.
+    def qkv_heads(self, layer: int, which: int) -> Float[Tensor, "head d_model d_head"]:
+        """W_Q (0), W_K (1) or W_V (2) of a layer as ``[head, d_model, d_head]`` (a view)."""
+        D, H, E = self.d_model, self.n_heads, self.d_head
+        return self.layers[layer].W_qkv.view(D, 3, H, E)[:, which].permute(1, 0, 2)
+
+    def qkv_bias(self, layer: int, which: int) -> Float[Tensor, "head d_head"]:
+        return self.layers[layer].b_qkv.view(3, self.n_heads, self.d_head)[which]
+
+    def W_O_heads(self, layer: int) -> Float[Tensor, "head d_head d_model"]:
+        return self.layers[layer].W_O.view(self.n_heads, self.d_head, self.d_model)
+
+    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> Weights:
+        """A copy with ``fn`` applied to every parameter tensor (e.g. ``Tensor.double``; tests use it)."""
+        layers = tuple(dataclasses.replace(lyr, **{f: fn(getattr(lyr, f)) for f in Layer.__dataclass_fields__})
+                       for lyr in self.layers)
+        top = {f: fn(getattr(self, f)) for f in ("W_E", "W_pos", "lnf_w", "lnf_b", "W_U", "b_U")}
+        return dataclasses.replace(self, layers=layers, **top)
+
+    def param_bytes(self) -> int:
+        """Bytes of distinct parameter storage the engine reads (the bridge's own tensors)."""
+        tensors = [self.W_E, self.W_pos, self.lnf_w, self.lnf_b, self.W_U, self.b_U]
+        tensors += [getattr(lyr, f) for lyr in self.layers for f in Layer.__dataclass_fields__]
+        seen: dict[int, int] = {}
+        for t in tensors:
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+        return sum(seen.values())
 
 
 _WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def weights(model) -> Weights:
-    """The weights of a ``LoadedModel`` or ``TransformerBridge`` (GPT-2), extracted once per bridge."""
+    """The weights of a ``LoadedModel`` or ``TransformerBridge`` (GPT-2), made once per bridge.
+
+    Every tensor is the Hugging Face model's own parameter (or a view of it): the engine holds no copy, so a
+    worker's weight memory is the model's."""
     bridge = getattr(model, "bridge", model)
     if bridge in _WEIGHTS:
         return _WEIGHTS[bridge]
-    with torch.no_grad():
-        blocks = bridge.blocks
-        ln = lambda m: m.original_component  # noqa: E731  (the HF LayerNorm inside the bridge)
-        hf_cfg = bridge.original_model.config
-        act = hf_cfg.activation_function
-        if act not in ("gelu_new", "gelu", "gelu_pytorch_tanh"):
-            raise ValueError(f"unsupported GPT-2 activation {act!r}: attrpatch supports gelu_new and gelu")
-        get = lambda name: getattr(bridge, name).detach().clone()  # noqa: E731
-        w = Weights(
-            W_E=get("W_E"), W_pos=get("W_pos"),
-            ln1_w=torch.stack([ln(b.ln1).weight for b in blocks]).detach().clone(),
-            ln1_b=torch.stack([ln(b.ln1).bias for b in blocks]).detach().clone(),
-            W_Q=get("W_Q"), b_Q=get("b_Q"), W_K=get("W_K"), b_K=get("b_K"), W_V=get("W_V"), b_V=get("b_V"),
-            W_O=get("W_O"), b_O=get("b_O"),
-            ln2_w=torch.stack([ln(b.ln2).weight for b in blocks]).detach().clone(),
-            ln2_b=torch.stack([ln(b.ln2).bias for b in blocks]).detach().clone(),
-            W_in=get("W_in"), b_in=get("b_in"), W_out=get("W_out"), b_out=get("b_out"),
-            lnf_w=ln(bridge.ln_final).weight.detach().clone(), lnf_b=ln(bridge.ln_final).bias.detach().clone(),
-            W_U=get("W_U"), b_U=get("b_U"),
-            eps=float(hf_cfg.layer_norm_epsilon),
-            act="gelu" if act == "gelu" else "gelu_new",
-        )
+    hf = bridge.original_model
+    cfg = hf.config
+    act = cfg.activation_function
+    if act not in ("gelu_new", "gelu", "gelu_pytorch_tanh"):
+        raise ValueError(f"unsupported GPT-2 activation {act!r}: attrpatch supports gelu_new and gelu")
+    t = hf.transformer
+    p = lambda x: x.detach()  # noqa: E731  (same storage, no autograd history)
+    layers = tuple(
+        Layer(ln1_w=p(h.ln_1.weight), ln1_b=p(h.ln_1.bias), W_qkv=p(h.attn.c_attn.weight), b_qkv=p(h.attn.c_attn.bias),
+              W_O=p(h.attn.c_proj.weight), b_O=p(h.attn.c_proj.bias), ln2_w=p(h.ln_2.weight), ln2_b=p(h.ln_2.bias),
+              W_in=p(h.mlp.c_fc.weight), b_in=p(h.mlp.c_fc.bias), W_out=p(h.mlp.c_proj.weight),
+              b_out=p(h.mlp.c_proj.bias))
+        for h in t.h)
+    head = hf.lm_head
+    W_U = p(head.weight).T  # tied to W_E in GPT-2: a transposed view
+    b_U = p(head.bias) if head.bias is not None else torch.zeros(W_U.shape[1], dtype=W_U.dtype, device=W_U.device)
+    w = Weights(W_E=p(t.wte.weight), W_pos=p(t.wpe.weight), layers=layers, lnf_w=p(t.ln_f.weight),
+                lnf_b=p(t.ln_f.bias), W_U=W_U, b_U=b_U, n_heads=int(cfg.n_head), eps=float(cfg.layer_norm_epsilon),
+                act="gelu" if act == "gelu" else "gelu_new")
     _WEIGHTS[bridge] = w
     return w
 
 
-def _ln(x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
-    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+def random_weights(shape, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                   std: float = 0.02) -> Weights:
+    """Weights of a random GPT-2 of ``shape`` (a ``models.ModelShape``), made directly in the engine's layout
+    (no Hugging Face model, no second copy of the tied embedding): for benches and the plan's calibration."""
+    gen = torch.Generator().manual_seed(seed)
+    D, F = shape.d_model, shape.d_mlp
+
+    def r(*size: int) -> Tensor:
+        return torch.randn(*size, generator=gen).mul_(std).to(device=device, dtype=dtype)
+
+    def const(value: float, n: int) -> Tensor:
+        return torch.full((n,), value, device=device, dtype=dtype)
+
+    layers = tuple(Layer(const(1, D), const(0, D), r(D, 3 * D), const(0, 3 * D), r(D, D), const(0, D),
+                         const(1, D), const(0, D), r(D, F), const(0, F), r(F, D), const(0, D))
+                   for _ in range(shape.n_layers))
+    W_E = r(shape.vocab, D)
+    return Weights(W_E=W_E, W_pos=r(shape.n_ctx, D), layers=layers, lnf_w=const(1, D), lnf_b=const(0, D), W_U=W_E.T,
+                   b_U=const(0, shape.vocab), n_heads=shape.n_heads, eps=1e-5, act="gelu_new")
 
 
-def embed(w: Weights, tokens: Int[Tensor, "batch pos"], edit: Edit = _identity) -> Float[Tensor, "batch pos d_model"]:
+def layer_norm(x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
+    """LayerNorm in ``x``'s dtype (the residual stream's)."""
+    return F.layer_norm(x, (x.shape[-1],), w.to(x.dtype), b.to(x.dtype), eps)
+
+
+def gelu(w: Weights, x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh" if w.act == "gelu_new" else "none")
+
+
+@dataclass(frozen=True)
+class KV:
+    """Keys and values of every block of an unpatched run, prompt-indexed (a restart's ``past``)."""
+
+    k: Float[Tensor, "layer prompt pos head d_head"]
+    v: Float[Tensor, "layer prompt pos head d_head"]
+
+    def before(self, layer: int, p0: int, prompt: Int[Tensor, " row"] | None = None) -> tuple[Tensor, Tensor] | None:
+        """Keys and values of positions ``< p0`` at ``layer``, one row per ``prompt`` (None: every prompt)."""
+        if p0 == 0:
+            return None
+        rows = prompt if prompt is not None else slice(None)
+        return self.k[layer][rows, :p0], self.v[layer][rows, :p0]
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a forward starts instead of the embeddings: block ``layer``, from ``resid`` (the residual
+    stream entering it at positions ``p0 … p0 + S − 1``); keys and values of positions ``< p0`` come from
+    ``past`` (row ``r`` reads prompt ``prompt[r]``; ``prompt`` None: row r is prompt r)."""
+
+    layer: int
+    resid: Float[Tensor, "row suffix d_model"]
+    p0: int = 0
+    past: KV | None = None
+    prompt: Int[Tensor, " row"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.p0 > 0 and self.past is None:
+            raise ValueError("Start(p0 > 0) needs past, the cached keys and values of positions < p0")
+
+    def past_kv(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        """The cached keys and values of positions ``< p0`` at ``layer``, one row per forward row."""
+        return None if self.p0 == 0 else self.past.before(layer, self.p0, self.prompt)
+
+
+def embed(w: Weights, tokens: Int[Tensor, "row pos"], edit: Edit = identity) -> Float[Tensor, "row pos d_model"]:
     """Token + position embedding: the residual stream entering block 0."""
-    tok = edit("embed", 0, w.W_E[tokens])
-    pos = edit("pos_embed", 0, w.W_pos[: tokens.shape[1]].expand(tokens.shape[0], -1, -1))
+    rd = w.resid_dtype
+    tok = edit("embed", 0, w.W_E[tokens].to(rd))
+    pos = edit("pos_embed", 0, w.W_pos[: tokens.shape[1]].to(rd).expand(tokens.shape[0], -1, -1))
     return tok + pos
 
 
-def block(w: Weights, layer: int, resid: Float[Tensor, "batch pos d_model"], edit: Edit = _identity,
-          split: bool = False) -> Float[Tensor, "batch pos d_model"]:
-    """One transformer block. ``split`` gives every head its own q/k/v input and the MLP its own input,
-    so gradients with respect to those inputs are per edge target (values are unchanged)."""
-    L = layer
+def causal_mask(queries: Tensor, n_keys: int) -> Tensor:
+    """``[q, key]`` bool, True where a key lies after its query (absolute query positions ``queries``)."""
+    keys = torch.arange(n_keys, device=queries.device)
+    return keys[None, :] > queries[:, None]
+
+
+def block(w: Weights, layer: int, resid: Float[Tensor, "row suffix d_model"], edit: Edit = identity,
+          split: bool = False, past: tuple[Tensor, Tensor] | None = None,
+          query: Int[Tensor, " row"] | None = None) -> Float[Tensor, "row out d_model"]:
+    """One transformer block on positions ``p0 … p0 + S − 1`` (``p0`` = the length of ``past``'s keys).
+
+    ``split``: per-head q/k/v inputs and an MLP input of its own (see the module docstring). ``past``:
+    keys and values ``[row, p0, head, d_head]`` of the earlier positions. ``query``: compute the attention
+    query and everything after it at one suffix index per row only (the output has one position)."""
+    lyr = w.layers[layer]
+    L, H, E = layer, w.n_heads, w.d_head
+    R, S = resid.shape[:2]
+    cd, rd = w.dtype, w.resid_dtype  # matmuls in the weights' dtype; stream, softmax and LayerNorm in rd
+    p0 = 0 if past is None else past[0].shape[1]
     resid = edit("resid_pre", L, resid)
-    n_pos = resid.shape[1]
     if split:
-        # A view of its own per site: an edit callback that keeps the tensor it is handed (to take its
-        # gradient) then gets the gradient through that site only, not the q+k+v sum.
-        q_in, k_in, v_in = (edit(k, L, resid[:, :, None, :].expand(-1, -1, w.n_heads, -1))
-                            for k in ("head_q_in", "head_k_in", "head_v_in"))
-        q_x, k_x, v_x = (_ln(x, w.ln1_w[L], w.ln1_b[L], w.eps) for x in (q_in, k_in, v_in))
-        q = torch.einsum("bphd,hde->bphe", q_x, w.W_Q[L]) + w.b_Q[L]
-        k = torch.einsum("bphd,hde->bphe", k_x, w.W_K[L]) + w.b_K[L]
-        v = torch.einsum("bphd,hde->bphe", v_x, w.W_V[L]) + w.b_V[L]
+        # A view of its own per site: an edit that keeps the tensor it is handed (to take its gradient)
+        # then gets the gradient through that site only, not the q+k+v sum.
+        ins = [edit(site, L, resid[:, :, None, :].expand(-1, -1, H, -1)) for site in QKV_INPUT_SITES]
+        q, k, v = (einsum(layer_norm(x, lyr.ln1_w, lyr.ln1_b, w.eps).to(cd), w.qkv_heads(L, i),
+                          "row pos head d_model, head d_model d_head -> row pos head d_head")
+                   + w.qkv_bias(L, i) for i, x in enumerate(ins))
+        if query is not None:
+            q = q[torch.arange(R, device=q.device), query][:, None]
     else:
-        x = _ln(resid, w.ln1_w[L], w.ln1_b[L], w.eps)
-        q = torch.einsum("bpd,hde->bphe", x, w.W_Q[L]) + w.b_Q[L]
-        k = torch.einsum("bpd,hde->bphe", x, w.W_K[L]) + w.b_K[L]
-        v = torch.einsum("bpd,hde->bphe", x, w.W_V[L]) + w.b_V[L]
+        x = layer_norm(resid, lyr.ln1_w, lyr.ln1_b, w.eps).to(cd)
+        if query is None:
+            qkv = (x @ lyr.W_qkv + lyr.b_qkv).view(R, S, 3, H, E)
+            q, k, v = qkv.unbind(2)
+        else:  # keys and values everywhere, the query at one position per row
+            kv = (x @ lyr.W_qkv[:, H * E:] + lyr.b_qkv[H * E:]).view(R, S, 2, H, E)
+            k, v = kv.unbind(2)
+            xq = x[torch.arange(R, device=x.device), query]
+            q = (xq @ lyr.W_qkv[:, :H * E] + lyr.b_qkv[:H * E]).view(R, 1, H, E)
     q, k, v = edit("head_q", L, q), edit("head_k", L, k), edit("head_v", L, v)
-    scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(w.d_head)
-    causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=scores.device).triu(1)
-    scores = scores.masked_fill(causal, torch.finfo(scores.dtype).min)
+    if past is not None:
+        k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
+    scores = einsum(q, k, "row dest head d_head, row src head d_head -> row head dest src").to(rd) / math.sqrt(E)
+    if query is None:
+        mask = causal_mask(p0 + torch.arange(S, device=resid.device), p0 + S)[None, None]
+    else:
+        mask = causal_mask(p0 + query, p0 + S)[:, None, None, :]
+    scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)
     pattern = edit("head_pattern", L, scores.softmax(-1))
-    z = edit("head_out", L, torch.einsum("bhqk,bkhe->bqhe", pattern, v))
-    attn_out = edit("attn_out", L, torch.einsum("bqhe,hed->bqd", z, w.W_O[L]) + w.b_O[L])
+    z = edit("head_out", L, einsum(pattern.to(cd), v, "row head dest src, row src head d_head -> row dest head d_head"))
+    attn_out = edit("attn_out", L, (z.flatten(-2) @ lyr.W_O + lyr.b_O).to(rd))
+    if query is not None:
+        resid = resid[torch.arange(R, device=resid.device), query][:, None]
     resid_mid = edit("resid_mid", L, resid + attn_out)
     mlp_in = edit("mlp_in", L, resid_mid.clone()) if split else resid_mid
-    pre = _ln(mlp_in, w.ln2_w[L], w.ln2_b[L], w.eps) @ w.W_in[L] + w.b_in[L]
-    post = F.gelu(pre, approximate="tanh" if w.act == "gelu_new" else "none")
-    mlp_out = edit("mlp_out", L, post @ w.W_out[L] + w.b_out[L])
+    pre = layer_norm(mlp_in, lyr.ln2_w, lyr.ln2_b, w.eps).to(cd) @ lyr.W_in + lyr.b_in
+    mlp_out = edit("mlp_out", L, (gelu(w, pre) @ lyr.W_out + lyr.b_out).to(rd))
     return edit("resid_post", L, resid_mid + mlp_out)
 
 
-def unembed(w: Weights, resid: Float[Tensor, "batch pos d_model"], answer_pos: Int[Tensor, " batch"],
-            edit: Edit = _identity, split: bool = False) -> Float[Tensor, "batch vocab"]:
-    """Logits at each row's answer position only (the metric never reads any other position)."""
-    x = edit("logits", w.n_layers, resid.clone() if split else resid)
+def unembed_direction(w: Weights, answer_ids: Int[Tensor, " row"], wrong_ids: Int[Tensor, " row"]
+                      ) -> tuple[Float[Tensor, "row d_model"], Float[Tensor, " row"]]:
+    """``W_U[:, answer] − W_U[:, wrong]`` and ``b_U[answer] − b_U[wrong]``: the logit difference is linear
+    in ``ln_final``'s output along this direction."""
+    a, b = answer_ids.to(w.device), wrong_ids.to(w.device)
+    return (w.W_U[:, a] - w.W_U[:, b]).T, w.b_U[a] - w.b_U[b]
+
+
+def unembed(w: Weights, x: Float[Tensor, "row pos d_model"], answer_pos: Int[Tensor, " row"] | None,
+            edit: Edit = identity, split: bool = False, diff: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Logits (or, with ``diff``, the logit difference) at each row's answer position. ``answer_pos`` None:
+    ``x`` already holds one position per row."""
+    x = edit("logits", w.n_layers, x.clone() if split else x)
     rows = torch.arange(x.shape[0], device=x.device)
-    final = x[rows, answer_pos.to(x.device)]
-    return _ln(final, w.lnf_w, w.lnf_b, w.eps) @ w.W_U + w.b_U
+    final = x[:, 0] if answer_pos is None else x[rows, answer_pos.to(x.device)]
+    normed = layer_norm(final, w.lnf_w, w.lnf_b, w.eps)
+    if diff is None:
+        return (normed.to(w.dtype) @ w.W_U + w.b_U).to(normed.dtype)
+    reps = x.shape[0] // diff[0].shape[0]
+    u, bias = unembed_direction(w, diff[0].repeat(reps), diff[1].repeat(reps))
+    return (normed * u.to(normed.dtype)).sum(-1) + bias.to(normed.dtype)
 
 
-def forward(w: Weights, tokens: Int[Tensor, "batch pos"] | None, answer_pos: Int[Tensor, " batch"],
-            edit: Edit = _identity, split: bool = False, start: int = 0,
-            resid: Float[Tensor, "batch pos d_model"] | None = None) -> Float[Tensor, "batch vocab"]:
-    """Logits at the answer positions. With ``start=L`` and ``resid`` (the residual stream entering block
-    L, e.g. from a cache) the forward restarts at block L and ``tokens`` is not used."""
-    if start == 0 and resid is None:
-        resid = embed(w, tokens, edit)
-    elif resid is None:
-        raise ValueError("forward(start=L) needs resid, the residual stream entering block L")
-    for layer in range(start, w.n_layers):
-        resid = block(w, layer, resid, edit, split)
-    return unembed(w, resid, answer_pos, edit, split)
+def forward(w: Weights, tokens: Int[Tensor, "row pos"] | None, answer_pos: Int[Tensor, " row"],
+            edit: Edit = identity, split: bool = False, start: Start | None = None, answer_only: bool = False,
+            diff: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Logits ``[row, vocab]`` at the answer positions (or, with ``diff``, the logit difference ``[row]``).
+
+    ``answer_pos`` is absolute (with ``start.p0 > 0`` it must lie in the computed suffix). With ``start``,
+    ``tokens`` is not used. ``diff`` holds the answer and wrong ids of one batch; rows may be k copies of it,
+    copy-major. See the module docstring for the modes."""
+    answer_pos = answer_pos.to(w.device)
+    if start is None:
+        resid, first, p0 = embed(w, tokens, edit), 0, 0
+    else:
+        resid, first, p0 = start.resid, start.layer, start.p0
+    last = w.n_layers - 1
+    at = answer_pos - p0  # the answer's index in the computed positions
+    for L in range(first, w.n_layers):
+        past = start.past_kv(L) if start is not None else None
+        query = at if answer_only and L == last and L != first else None
+        resid = block(w, L, resid, edit, split, past, query)
+        if query is not None:
+            return unembed(w, resid, None, edit, split, diff)
+    return unembed(w, resid, at, edit, split, diff)
 
 
 class Recorder:
-    """An edit that keeps the tensors of the chosen kinds (all when ``kinds`` is None), keyed (kind, layer)."""
+    """An edit that keeps the tensors of the chosen kinds (all when ``kinds`` is None), keyed (kind, layer).
 
-    def __init__(self, kinds: tuple[str, ...] | None = None, inner: Edit = _identity):
+    ``leaves=True`` makes the token and position embeddings autograd leaves, so that a backward reaches
+    every recorded site even though the weights are frozen."""
+
+    def __init__(self, kinds: tuple[str, ...] | None = None, inner: Edit = identity, leaves: bool = False):
         self.kinds = None if kinds is None else frozenset(kinds)
         self.inner = inner
+        self.leaves = leaves
         self.acts: dict[tuple[str, int], Tensor] = {}
 
     def __call__(self, kind: str, layer: int, x: Tensor) -> Tensor:
         x = self.inner(kind, layer, x)
+        if self.leaves and kind in ("embed", "pos_embed"):
+            x = x.detach().clone().requires_grad_(True)
         if self.kinds is None or kind in self.kinds:
             self.acts[(kind, layer)] = x
         return x
 
+    def stack(self, kind: str) -> Tensor:
+        """The recorded sites of one kind stacked along a leading layer axis (embeddings: no layer axis)."""
+        if kind in ("embed", "pos_embed"):
+            return self.acts[(kind, 0)]
+        layers = sorted(layer for k, layer in self.acts if k == kind)
+        return torch.stack([self.acts[(kind, layer)] for layer in layers])
 
-def run_with_acts(w: Weights, tokens: Int[Tensor, "batch pos"], answer_pos: Int[Tensor, " batch"],
+
+def run_with_acts(w: Weights, tokens: Int[Tensor, "row pos"], answer_pos: Int[Tensor, " row"],
                   kinds: tuple[str, ...] | None = None, split: bool = False,
-                  edit: Edit = _identity) -> tuple[Float[Tensor, "batch vocab"], dict[tuple[str, int], Tensor]]:
+                  edit: Edit = identity) -> tuple[Float[Tensor, "row vocab"], dict[tuple[str, int], Tensor]]:
     """Answer-position logits and the activations of ``kinds`` (all sites when None)."""
     rec = Recorder(kinds, inner=edit)
     logits = forward(w, tokens, answer_pos, rec, split)
     return logits, rec.acts
+
+
+def cache_kv(acts: dict[tuple[str, int], Tensor], n_layers: int) -> KV:
+    """The ``KV`` of a run recorded with ``head_k`` and ``head_v``."""
+    return KV(torch.stack([acts[("head_k", layer)] for layer in range(n_layers)]),
+              torch.stack([acts[("head_v", layer)] for layer in range(n_layers)]))

@@ -19,8 +19,8 @@ Order (every edge method and view relies on it): sources are ``embed``, then per
 MLP; targets are, per layer, its q heads, k heads, v heads and ``mlp_in``, then ``logits``. So the targets of
 one layer form one contiguous block, and the sources upstream of that block are a prefix of the sources.
 
-Also here, because all three edge methods share them: the source writes of one run (``source_writes``) and
-the logit difference of engine logits holding k stacked copies of a batch (``metrics.ids_logit_diff``).
+Also here, because the edge methods and ``circuits`` share it: the source writes of one run in graph order
+(``source_writes``).
 """
 
 from __future__ import annotations
@@ -29,19 +29,19 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+from einops import einsum
 from jaxtyping import Float
 from torch import Tensor
 
-from attrpatch.components import Node
+from attrpatch.components import QKV, Node
 from attrpatch.engine import Weights
-from attrpatch.errors import AttrpatchError
+from attrpatch.errors import ConfigError
 from attrpatch.scores import EdgeIndex, EdgeScores
 
-QKV = ("head_q", "head_k", "head_v")
 SRC_SITES = ("resid_pre", "head_out", "mlp_out")  # engine sites holding the source writes (resid_pre 0 = embed)
 
 
-class GraphError(AttrpatchError):
+class GraphError(ConfigError):
     """Scores or nodes that do not fit an edge graph; the message says how to fix it."""
 
 
@@ -110,9 +110,6 @@ class EdgeGraph:
         """Source indices of layer ``layer``'s heads."""
         start = self.n_src_before_attn(layer)
         return slice(start, start + self.n_heads)
-
-    def mlp_src(self, layer: int) -> int:
-        return self.n_src_before_attn(layer) + self.n_heads
 
     def dst_qkv(self, kind: str, layer: int) -> slice:
         """Target indices of layer ``layer``'s q, k or v inputs (one per head)."""
@@ -210,7 +207,12 @@ def source_writes(w: Weights, acts: dict[tuple[str, int], Tensor]) -> Float[Tens
     """
     parts = [acts[("resid_pre", 0)][:, :, None]]
     for layer in range(w.n_layers):
-        z = acts[("head_out", layer)]
-        parts.append(torch.einsum("bphe,hed->bphd", z, w.W_O[layer]))
+        parts.append(head_writes(w, layer, acts[("head_out", layer)]).to(parts[0].dtype))
         parts.append(acts[("mlp_out", layer)][:, :, None])
     return torch.cat(parts, dim=2)
+
+
+def head_writes(w: Weights, layer: int, z: Float[Tensor, "batch pos head d_head"]
+                ) -> Float[Tensor, "batch pos head d_model"]:
+    """Each head's write to the residual stream, z · W_O[layer, head]."""
+    return einsum(z, w.W_O_heads(layer), "batch pos head d_head, head d_head d_model -> batch pos head d_model")

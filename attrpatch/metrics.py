@@ -49,5 +49,3 @@ def normalise(metric: Tensor, clean: Tensor, corrupt: Tensor) -> Tensor:
     """(m − corrupt) / (clean − corrupt): 1 at the clean baseline, 0 at the corrupted one (per prompt)."""
     return (metric - corrupt) / (clean - corrupt)
 
-
-METRICS = {"logit_diff": logit_diff}

@@ -26,13 +26,14 @@ from pathlib import Path
 import torch
 from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
-from attrpatch.errors import AttrpatchError
+from attrpatch.errors import ModelError
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 HUB_HOST = ("huggingface.co", 443)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(AttrpatchError):
+class ModelLoadError(ModelError):
     """A model name or directory that cannot be loaded; the message says how to fix it."""
 
 
@@ -59,6 +60,54 @@ REGISTRY: dict[str, ModelSpec] = {
         "ioi-tiny", str(CHECKPOINTS / "ioi-tiny"), 6.8, memory_gb=1, num_gpus=0.1, num_cpus=1, embedded=True
     ),
 }
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a plan needs to know about a model without loading it (from its config.json)."""
+
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_mlp: int
+    vocab: int
+    n_ctx: int
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def n_params(self) -> int:
+        """Parameters of the Hugging Face GPT-2 (tied unembedding counted once)."""
+        D, L = self.d_model, self.n_layers
+        per_layer = 4 * D + 3 * D * D + 3 * D + D * D + D + 2 * D * self.d_mlp + self.d_mlp + D
+        return self.vocab * D + self.n_ctx * D + L * per_layer + 2 * D
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> ModelShape:
+        d = cfg.get("n_embd", 768)
+        return cls(n_layers=cfg.get("n_layer", 12), n_heads=cfg.get("n_head", 12), d_model=d,
+                   d_mlp=cfg.get("n_inner") or 4 * d, vocab=cfg.get("vocab_size", 50257),
+                   n_ctx=cfg.get("n_positions", 1024))
+
+
+# The hub GPT-2 sizes (their config.json), so a plan works before anything is downloaded.
+HUB_SHAPES = {
+    "gpt2": ModelShape(12, 12, 768, 3072, 50257, 1024),
+    "gpt2-medium": ModelShape(24, 16, 1024, 4096, 50257, 1024),
+    "gpt2-large": ModelShape(36, 20, 1280, 5120, 50257, 1024),
+    "gpt2-xl": ModelShape(48, 25, 1600, 6400, 50257, 1024),
+}
+
+
+def model_shape(spec: ModelSpec) -> ModelShape:
+    """The shape of a registered or local model from its config.json (hub models: their known config)."""
+    if spec.embedded or Path(spec.source).is_dir():
+        return ModelShape.from_config(json.loads((Path(spec.source) / "config.json").read_text()))
+    if spec.source in HUB_SHAPES:
+        return HUB_SHAPES[spec.source]
+    raise ModelLoadError(f"the shape of {spec.name!r} is unknown before it is downloaded: use a local checkpoint")
 
 
 @dataclass
@@ -114,12 +163,87 @@ def _check_gpt2_dir(path: Path) -> None:
             f"{str(path)!r} has no config.json, so it is not a Hugging Face checkpoint: "
             "save one with model.save_pretrained(DIR)"
         )
-    model_type = json.loads(cfg.read_text()).get("model_type")
+    try:
+        model_type = json.loads(cfg.read_text()).get("model_type")
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{str(cfg)!r} is not readable JSON ({e}): re-save the checkpoint") from None
     if model_type != "gpt2":
         raise ModelLoadError(
             f"{str(path)!r} holds a {model_type!r} model, but attrpatch supports GPT-2 only: "
             "pass a GPT-2 checkpoint directory"
         )
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint directory (safetensors shards, else PyTorch bins), sorted."""
+    for pattern in WEIGHT_PATTERNS:
+        found = sorted(path.glob(pattern))
+        if found:
+            return found
+    return []
+
+
+def _check_safetensors(file: Path) -> None:
+    """The header parses and the file is as long as the header says (catches a truncated download)."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or 8 + n > size:
+            raise ModelLoadError(f"{str(file)!r} is not a complete safetensors file (header of {n} bytes, file of "
+                                 f"{size}): re-download or re-save the checkpoint")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise ModelLoadError(f"{str(file)!r} has an unreadable safetensors header: re-save the checkpoint") from None
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ModelLoadError(f"{str(file)!r} is truncated: its header needs {8 + n + end:,} bytes, the file has "
+                             f"{size:,}; re-download or re-save the checkpoint")
+
+
+def check_checkpoint(path: Path) -> None:
+    """Everything about a local checkpoint that can be checked without loading it: a GPT-2 config, weight
+    files present, and every safetensors header complete. Raises ``ModelLoadError`` with the fix."""
+    _check_gpt2_dir(path)
+    files = weight_files(path)
+    if not files:
+        raise ModelLoadError(f"{str(path)!r} has no weights (model.safetensors or pytorch_model.bin): save the "
+                             "model with save_pretrained(DIR)")
+    for f in files:
+        if f.suffix == ".safetensors":
+            _check_safetensors(f)
+
+
+def hub_files(spec: ModelSpec) -> list[Path] | None:
+    """The cached weight files of a hub model (None when it is not in the local Hugging Face cache)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        snap = Path(snapshot_download(spec.source, local_files_only=True, allow_patterns=["*.json", *WEIGHT_PATTERNS]))
+    except Exception:  # not cached (or no hub library): the loader will say so with its own message
+        return None
+    return weight_files(snap) or None
+
+
+def checkpoint_files(spec: ModelSpec) -> list[Path]:
+    """The weight files a model loads from, checked (``check_checkpoint``); a hub model must be cached or
+    reachable, and then its files are those of the cache (empty when it will be downloaded)."""
+    if spec.embedded or Path(spec.source).is_dir():
+        path = Path(spec.source)
+        check_checkpoint(path)
+        return weight_files(path)
+    files = hub_files(spec)
+    if files is not None:
+        return files
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _network_reachable():
+        raise ModelLoadError(
+            f"no network: {spec.name!r} ({spec.source!r} on the Hugging Face hub) is not in the local cache. "
+            "Use model.path=DIR (a local GPT-2 checkpoint) or the embedded model (model=ioi-tiny)")
+    return []
 
 
 def _network_reachable(timeout: float = 3.0) -> bool:
@@ -130,7 +254,7 @@ def _network_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_hf(spec: ModelSpec) -> GPT2LMHeadModel:
+def _load_hf(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> GPT2LMHeadModel:
     if spec.embedded or Path(spec.source).is_dir() or os.sep in spec.source:
         path = Path(spec.source)
         if spec.embedded and not (path / "config.json").exists():
@@ -139,9 +263,9 @@ def _load_hf(spec: ModelSpec) -> GPT2LMHeadModel:
                 "run `python -m attrpatch.train_ioi_tiny` to rebuild it"
             )
         _check_gpt2_dir(path)
-        return GPT2LMHeadModel.from_pretrained(str(path))
+        return GPT2LMHeadModel.from_pretrained(str(path), dtype=dtype)
     try:  # the hub cache first: no network needed when the weights were downloaded before
-        return GPT2LMHeadModel.from_pretrained(spec.source, local_files_only=True)
+        return GPT2LMHeadModel.from_pretrained(spec.source, local_files_only=True, dtype=dtype)
     except OSError:
         pass
     if os.environ.get("HF_HUB_OFFLINE") == "1" or not _network_reachable():
@@ -149,7 +273,7 @@ def _load_hf(spec: ModelSpec) -> GPT2LMHeadModel:
             f"no network: {spec.name!r} ({spec.source!r} on the Hugging Face hub) is not in the local cache. "
             "Use model.path=DIR (a local GPT-2 checkpoint) or the embedded model (model=ioi-tiny)"
         )
-    return GPT2LMHeadModel.from_pretrained(spec.source)
+    return GPT2LMHeadModel.from_pretrained(spec.source, dtype=dtype)
 
 
 def resolve_spec(name_or_path: str) -> ModelSpec:
@@ -170,12 +294,15 @@ def resolve_spec(name_or_path: str) -> ModelSpec:
     )
 
 
-def load_model(name_or_path: str, device: str = "cpu") -> LoadedModel:
-    """Load a registered model or a local GPT-2 directory as an eval-mode ``TransformerBridge``."""
+def load_model(name_or_path: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """Load a registered model or a local GPT-2 directory as an eval-mode ``TransformerBridge`` with its
+    weights in ``dtype`` (``float32``, ``bfloat16`` or ``float16``: half the weight memory)."""
     from transformer_lens.model_bridge import TransformerBridge
 
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     spec = resolve_spec(name_or_path)
-    hf = _load_hf(spec).eval()  # dropout is on in a freshly built HF model
+    hf = _load_hf(spec, DTYPES[dtype]).eval()  # dropout is on in a freshly built HF model
     tok = load_tokenizer()
     if hf.config.vocab_size != len(tok):
         raise ModelLoadError(

@@ -1,6 +1,6 @@
-"""Dense score tensors behind a small index, and their Arrow tables (the Parquet contract of DESIGN.md).
+"""Dense score tensors behind a small index, and their Arrow tables (the schemas of ``attrpatch.results``).
 
-    python -c "import attrpatch.scores as s; print(s.NODE_SCHEMA); print(s.EDGE_SCHEMA)"
+    python -c "import attrpatch.scores as s; print(s.NodeScores.__doc__)"
 
 Methods return ``NodeScores`` / ``EdgeScores``: one dense tensor each plus the names of its axes. Rows
 are a view made only when writing: ``node_table`` / ``edge_table`` flatten the tensor, attach the prompt
@@ -16,28 +16,11 @@ import pyarrow as pa
 from torch import Tensor
 
 from attrpatch.components import Node
+from attrpatch.results import EDGE_SCHEMA, NODE_SCHEMA, PROMPT_SCHEMA
 from attrpatch.tasks import PromptBatch
 
 NODE_AXES = ("prompt", "layer", "head", "pos", "src_pos")
 EDGE_AXES = ("prompt", "pos", "src", "dst")
-
-NODE_SCHEMA = pa.schema([
-    ("direction", pa.string()), ("component", pa.string()), ("layer", pa.int16()), ("head", pa.int16()),
-    ("pos", pa.int16()), ("src_pos", pa.int16()), ("prompt", pa.int32()), ("n_prompts", pa.int32()),
-    ("score", pa.float32()),
-])
-EDGE_SCHEMA = pa.schema([
-    ("direction", pa.string()), ("src_component", pa.string()), ("src_layer", pa.int16()),
-    ("src_head", pa.int16()), ("dst_component", pa.string()), ("dst_layer", pa.int16()),
-    ("dst_head", pa.int16()), ("pos", pa.int16()), ("prompt", pa.int32()), ("n_prompts", pa.int32()),
-    ("score", pa.float32()),
-])
-PROMPT_SCHEMA = pa.schema([
-    ("prompt", pa.int32()), ("clean", pa.string()), ("corrupt", pa.string()), ("answer", pa.string()),
-    ("wrong_answer", pa.string()), ("template", pa.int32()), ("clean_metric", pa.float32()),
-    ("corrupt_metric", pa.float32()),
-])
-
 
 @dataclass(frozen=True)
 class NodeScores:

@@ -26,7 +26,7 @@ from transformer_lens import patching
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from attrpatch import load_model, make_batch
-from attrpatch.methods import MethodConfig, run_method
+from attrpatch.methods import method_config, run_method
 from attrpatch.methods.activation import COMPOSITES, GRANULARITIES
 from attrpatch.metrics import logit_diff
 
@@ -47,7 +47,7 @@ def random_gpt2_small(path: str) -> str:
 
 
 def time_ours(model, batch, names, max_rows) -> tuple[float, dict]:
-    cfg = MethodConfig(directions=("denoise",), max_rows=max_rows, extra={"granularities": tuple(names)})
+    cfg = method_config("activation", directions=("denoise",), max_rows=max_rows, granularities=tuple(names))
     t0 = time.perf_counter()
     result = run_method("activation", model, batch, cfg)
     return time.perf_counter() - t0, result
@@ -95,7 +95,7 @@ def main() -> None:
     with torch.no_grad():
         _, clean_cache = model.bridge.run_with_cache(batch.clean_tokens)
     run_method("activation", model, batch.select([0]),  # warm-up (weights extraction, allocator)
-               MethodConfig(extra={"granularities": ("attn_head_q_all_pos",)}))
+               method_config("activation", granularities=("attn_head_q_all_pos",)))
 
     rows = []
     worst = 0.0

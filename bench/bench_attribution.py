@@ -29,7 +29,6 @@ import argparse
 import statistics
 import tempfile
 import time
-from contextlib import contextmanager
 
 import torch
 from transformer_lens.tools.analysis.attribution_patching import attribution_patch
@@ -40,6 +39,7 @@ from attrpatch.components import hook_name
 from attrpatch.engine import forward, weights
 from attrpatch.methods import MethodConfig, run_method
 from attrpatch.metrics import final_logit_diff
+from attrpatch.testing import grad_through
 
 
 def random_gpt2_small(path: str) -> str:
@@ -66,27 +66,13 @@ def interleaved(fns: dict, rounds: int) -> tuple[dict[str, list[float]], dict]:
     return times, outs
 
 
-@contextmanager
-def grad_through(bridge):
-    """TL's attribution code needs a graph and our loader freezes the weights; undone in finally.
-    Gradients are taken with torch.autograd.grad w.r.t. activations only, so no weight gradient is computed."""
-    params = list(bridge.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(False)
-
-
 def ours(model, batch):
     return run_method("attribution", model, batch, MethodConfig(directions=("denoise",)))
 
 
 def tl(model, batch):
     scores = []
-    with grad_through(model.bridge):
+    with grad_through(model):
         for i in range(len(batch)):
             ap, a, wr = int(batch.answer_pos[i]), int(batch.answer_ids[i]), int(batch.wrong_ids[i])
             res = attribution_patch(model.bridge, batch.clean_tokens[i:i + 1], batch.corrupt_tokens[i:i + 1],
@@ -120,7 +106,7 @@ def floor_bridge(model, batch):
     def capture(t, hook):
         live["embed"] = t
 
-    with grad_through(bridge), bridge.hooks(fwd_hooks=[(hook_name("embed"), capture)]):
+    with grad_through(model), bridge.hooks(fwd_hooks=[(hook_name("embed"), capture)]):
         final = bridge(batch.corrupt_tokens)[rows, batch.answer_pos]
         metric = final[rows, batch.answer_ids] - final[rows, batch.wrong_ids]
         return torch.autograd.grad(metric.sum(), [live["embed"]])

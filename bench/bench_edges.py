@@ -43,9 +43,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from attrpatch import load_model, make_batch
 from attrpatch.engine import forward, weights
 from attrpatch.graph import EdgeGraph
+from attrpatch.methods.core import edge_scores
 from attrpatch.methods.eap_ig import eap_ig_scores
 from attrpatch.methods.edge_activation import choose_edges, exact_edge_scores
-from attrpatch.methods.edge_attribution import eap_scores
+from attrpatch.testing import grad_through
 
 
 def timed(fn, repeats: int) -> float:
@@ -81,14 +82,8 @@ def floor(w, batch):
 
 
 def with_bridge_grads(model, fn):
-    params = list(model.bridge.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    try:
+    with grad_through(model):
         return fn()
-    finally:
-        for p in params:
-            p.requires_grad_(False)
 
 
 def acdcpp_caches(model, batch):
@@ -167,8 +162,8 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}")
 
     t_floor = timed(lambda: floor(w, batch), args.repeats)
-    t_ours = timed(lambda: eap_scores(w, batch, ("denoise",), per_prompt=True, per_position=True), args.repeats)
-    t_sum = timed(lambda: eap_scores(w, batch, ("denoise",), per_prompt=False, per_position=False), args.repeats)
+    t_ours = timed(lambda: edge_scores(w, batch, directions=("denoise",), per_prompt=True, per_position=True), args.repeats)
+    t_sum = timed(lambda: edge_scores(w, batch, directions=("denoise",), per_prompt=False, per_position=False), args.repeats)
     print(f"floor (fwd + fwd + bwd)              {t_floor:8.3f} s")
     print(f"EAP per prompt & position            {t_ours:8.3f} s   {t_ours / t_floor:5.2f}x the floor")
     print(f"EAP summed (prompts, positions)      {t_sum:8.3f} s   {t_sum / t_floor:5.2f}x the floor")

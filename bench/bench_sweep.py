@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 
 def main() -> None:
@@ -48,7 +45,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from conftest import save_random_gpt2
+            from attrpatch.testing import save_random_gpt2
 
             model = save_random_gpt2(os.path.join(tmp, "random-4-layer"), seed=0, n_layer=4, n_head=4, n_embd=128,
                                      n_positions=64)

@@ -11,16 +11,15 @@ before Ray starts. Nothing below the entry point sees a ``DictConfig`` or calls 
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from attrpatch.errors import AttrpatchError
+from attrpatch.errors import ConfigError
 
 
-class SweepConfigError(AttrpatchError):
+class SweepConfigError(ConfigError):
     """A sweep option that cannot be used; the message names the option and the fix."""
 
 
@@ -39,6 +38,7 @@ class ModelOptions:
     """Options applied to every model of the sweep (resource hints default to the model's ModelSpec)."""
 
     device: str = "auto"  # auto: cuda when the worker was given a GPU and CUDA works, else cpu
+    dtype: str = "float32"  # float32 | bfloat16 | float16: weights and activations; scores reduce in float32
     path: str | None = None  # a local GPT-2 checkpoint directory to sweep instead of `models`
     workers: int | None = None  # actors per model; None: as many as the cluster fits (at most one per cell)
     num_gpus: float | None = None  # GPUs per actor; None: the spec's hint (fractions pack small models)
@@ -48,6 +48,8 @@ class ModelOptions:
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
             raise SweepConfigError(f"model.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise SweepConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.workers is not None and self.workers < 1:
             raise SweepConfigError(f"model.workers must be at least 1 (or null for automatic), got {self.workers}")
         for name in ("num_gpus", "num_cpus", "memory_gb"):
@@ -79,33 +81,37 @@ class TaskOptions:
 
 @dataclass(frozen=True)
 class MethodOptions:
-    """attrpatch.methods.MethodConfig fields shared by every method, plus per-method overrides."""
+    """``attrpatch.methods.MethodConfig`` fields shared by every method, plus per-method overrides (any shared
+    field, or an option of that method's own, e.g. ``overrides.eap_ig.ig_steps``)."""
 
     directions: tuple[str, ...] = ("denoise",)  # denoise = TL `patching`'s direction; add noise for S1
     kinds: tuple[str, ...] | None = None  # node kinds to score; null: every kind a method supports
     per_prompt: bool = True  # one row per prompt (the correlation plots pair prompts); false: shard means
     per_position: bool = True  # keep the pos axis; false: summed over positions
-    ig_steps: int = 5  # EAP-IG interpolation steps (Hanna et al. use 5 on IOI)
-    max_rows: int = 256  # patched copies per forward: bounds the memory of exact patching
-    edge_subset: float | None = None  # exact edge patching on a fraction of edges; null: all edges
+    max_rows: int = 256  # rows per pass at most (with the device's memory budget); does not change scores
     seed: int = 0  # random choices inside a method (edge subset sampling)
-    extra: dict[str, Any] = field(default_factory=dict)  # method-specific options (see each method)
-    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # method name → fields above (methods
-    # not in the sweep are ignored, so presets can carry them)
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # method name → fields (methods not in
+    # the sweep are ignored, so presets can carry them)
 
     def __post_init__(self) -> None:
         _freeze_lists(self, ("directions", "kinds"))
 
     def for_method(self, name: str):
-        """The MethodConfig of one method: shared fields, then that method's overrides."""
-        from attrpatch.methods import MethodConfig
+        """The checked MethodConfig of one method: shared fields, then that method's overrides. The shared
+        ``kinds`` apply to each method as far as it scores them (a method that scores none of them is an error;
+        a method that reads no kinds ignores them); an override's ``kinds`` must all be the method's."""
+        from attrpatch.methods import SHARED_FIELDS, MethodError, get_method, method_config
 
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(MethodConfig)}
-        fields = {**shared, **self.overrides.get(name, {})}
-        for key in ("directions", "kinds"):
-            fields[key] = _tuple(fields[key])
-        fields["extra"] = dict(fields["extra"])
-        return MethodConfig(**fields)
+        fields = {f: getattr(self, f) for f in SHARED_FIELDS}
+        info = get_method(name)
+        if self.kinds is not None:
+            mine = tuple(k for k in self.kinds if k in (info.kinds or ()))
+            if info.kinds is not None and not mine:
+                raise MethodError(f"method.kinds={list(self.kinds)} has no kind that {name!r} scores "
+                                  f"({list(info.kinds)}): set method.overrides.{name}.kinds")
+            fields["kinds"] = mine if info.kinds is not None else None
+        fields.update({k: _tuple(v) if isinstance(v, list) else v for k, v in self.overrides.get(name, {}).items()})
+        return method_config(name, **fields)
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,7 @@ class ClusterOptions:
     max_restarts: int = 3  # a killed worker is restarted this often (it reloads its model)
     max_task_retries: int = 3  # a shard whose worker died is retried this often on the restarted worker
     in_flight: int = 2  # shards queued per worker: the next one starts without a driver round trip
+    listen: str = "loopback"  # local Ray only: loopback (127.0.0.1) or node (this machine's network address)
 
     def __post_init__(self) -> None:
         for name in ("max_restarts", "max_task_retries"):
@@ -125,6 +132,8 @@ class ClusterOptions:
                 raise SweepConfigError(f"cluster.{name} must be non-negative, got {getattr(self, name)}")
         if self.in_flight < 1:
             raise SweepConfigError(f"cluster.in_flight must be at least 1, got {self.in_flight}")
+        if self.listen not in ("loopback", "node"):
+            raise SweepConfigError(f"cluster.listen must be loopback or node, got {self.listen!r}")
         if self.num_cpus is not None and self.num_cpus < 1:
             raise SweepConfigError(f"cluster.num_cpus must be at least 1 (or null for every core), got {self.num_cpus}")
         if self.address is not None and (self.num_cpus is not None or self.num_gpus is not None):
@@ -169,6 +178,19 @@ class OutputOptions:
 
 
 @dataclass(frozen=True)
+class LimitsOptions:
+    """Guard rails checked before any work (from the plan): a sweep beyond them refuses with the estimate."""
+
+    max_rows: int = 1_000_000_000  # score rows the whole sweep may write (~10 GB of Parquet at ~10 B a row)
+    max_prompts: int = 1_000_000  # prompts per task (each worker holds a task's prompts in memory)
+
+    def __post_init__(self) -> None:
+        for name in ("max_rows", "max_prompts"):
+            if getattr(self, name) < 1:
+                raise SweepConfigError(f"limits.{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """One launch: models × tasks × methods × prompt shards."""
 
@@ -178,15 +200,20 @@ class SweepConfig:
     # all three families, and the exact ground truth of each (activation for nodes, edge_activation for EAP)
     methods: tuple[str, ...] = ("attribution", "activation", "edge_attribution", "edge_activation")
     plugins: tuple[str, ...] = ()  # importable modules that register extra methods (driver and workers)
+    resume: str = "auto"  # auto: resume a root whose cells match, refuse if options changed; overwrite: discard them
+    plan: bool = False  # print and write the cost plan (ROOT/plan.json), compute nothing
     model: ModelOptions = field(default_factory=ModelOptions)
     task: TaskOptions = field(default_factory=TaskOptions)
     method: MethodOptions = field(default_factory=MethodOptions)
     cluster: ClusterOptions = field(default_factory=ClusterOptions)
     wandb: WandbOptions = field(default_factory=WandbOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
+    limits: LimitsOptions = field(default_factory=LimitsOptions)
 
     def __post_init__(self) -> None:
         _freeze_lists(self, ("models", "tasks", "methods", "plugins"))
+        if self.resume not in ("auto", "overwrite"):
+            raise SweepConfigError(f"resume must be auto or overwrite, got {self.resume!r}")
         if not self.name or any(c in self.name for c in "/\\=") or self.name.startswith("."):
             raise SweepConfigError(f"name must be a plain word (no / \\ = or leading dot), got {self.name!r}")
         for key in ("models", "tasks", "methods"):
@@ -206,7 +233,7 @@ class SweepConfig:
 _EXAMPLE = {"models": "ioi-tiny", "tasks": "ioi", "methods": "attribution,activation"}
 
 _SECTIONS = {"model": ModelOptions, "task": TaskOptions, "method": MethodOptions, "cluster": ClusterOptions,
-             "wandb": WandbOptions, "output": OutputOptions}
+             "wandb": WandbOptions, "output": OutputOptions, "limits": LimitsOptions}
 
 
 def schema_node():
@@ -227,9 +254,8 @@ def schema_node():
                 child._set_flag("readonly", None)
 
     unfreeze(node)
-    # free-form maps: `method.overrides.eap_ig.ig_steps=10` and `method.extra.k=v` need no leading `+`
+    # a free-form map: `method.overrides.eap_ig.ig_steps=10` needs no leading `+`
     OmegaConf.set_struct(node.method.overrides, False)
-    OmegaConf.set_struct(node.method.extra, False)
     return node
 
 
@@ -290,22 +316,22 @@ def validate(cfg: SweepConfig) -> None:
             get_method(name)
         except MethodError as e:
             raise SweepConfigError(f"method.overrides: {e}") from None
-    from attrpatch.methods import MethodConfig
-
-    known = {f.name for f in dataclasses.fields(MethodConfig)}
     for name in cfg.methods:
         try:
             get_method(name)
         except MethodError as e:
             raise SweepConfigError(f"methods: {e}") from None
-        bad = sorted(set(cfg.method.overrides.get(name, {})) - known)
-        if bad:
-            raise SweepConfigError(f"method.overrides.{name} has unknown fields {bad}: use some of {sorted(known)}")
+    if cfg.method.kinds is not None:
+        scored = {k for m in cfg.methods for k in (get_method(m).kinds or ())}
+        unknown = [k for k in cfg.method.kinds if k not in scored]
+        if unknown:
+            raise SweepConfigError(f"method.kinds: {unknown} is scored by none of the methods {list(cfg.methods)} "
+                                   f"(they score {sorted(scored)})")
+    for name in cfg.methods:
         try:
+            get_method(name)
             cfg.method.for_method(name)
         except MethodError as e:
-            raise SweepConfigError(f"method options for {name!r}: {e}") from None
-        except TypeError as e:
             raise SweepConfigError(f"method options for {name!r}: {e}") from None
 
 

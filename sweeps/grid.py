@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 from attrpatch.models import ModelSpec, resolve_spec
+from attrpatch.results import part_name, record_path, table_dir
 from attrpatch.tasks import TaskConfig, generate
 from sweeps.config import SweepConfig
 
@@ -49,19 +50,19 @@ class Cell:
 
     @property
     def part(self) -> str:
-        return f"part-{self.shard:05d}.parquet"
+        return part_name(self.shard)
 
     def table_dir(self, table: str) -> str:
         """ROOT-relative directory of one of this cell's tables (`prompts`, `nodes`, `edges`, extras)."""
-        if self.method is None:
-            return f"{table}/model={self.model}/task={self.task}"
-        return f"{table}/model={self.model}/task={self.task}/method={self.method}"
+        return table_dir(table, self.model, self.task, self.method)
+
+    def part_path(self, table: str) -> str:
+        return f"{self.table_dir(table)}/{self.part}"
 
     @property
     def marker(self) -> str:
         """ROOT-relative completion record, written after every table of the cell is in place."""
-        what = "prompts" if self.method is None else f"method={self.method}"
-        return f"_done/model={self.model}/task={self.task}/{what}/part-{self.shard:05d}.json"
+        return record_path(self.model, self.task, self.method, self.shard)
 
     @property
     def label(self) -> str:
@@ -83,17 +84,23 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or os.sep in source or os.path.isdir(source)
 
 
-def n_shards(cfg: SweepConfig, task: str) -> int:
-    """Shards of a task: its generated prompt count (a task may make fewer than asked) / shard_size."""
+def task_config(cfg: SweepConfig, task: str) -> TaskConfig:
     t = cfg.task
-    n = len(generate(TaskConfig(task, t.n_prompts, t.seed, t.corruption, t.split)))
-    return -(-n // t.shard_size)
+    return TaskConfig(task, t.n_prompts, t.seed, t.corruption, t.split)
 
 
-def expand(cfg: SweepConfig, models: list[ModelEntry] | None = None) -> list[Cell]:
-    """Every cell of the sweep, grouped by model (so a model's workers can be released when it is done)."""
+def n_shards(cfg: SweepConfig, task: str, n_prompts: int | None = None) -> int:
+    """Shards of a task: its generated prompt count (a task may make fewer than asked) / shard_size."""
+    n = len(generate(task_config(cfg, task))) if n_prompts is None else n_prompts
+    return -(-n // cfg.task.shard_size)
+
+
+def expand(cfg: SweepConfig, models: list[ModelEntry] | None = None,
+           prompts: dict[str, int] | None = None) -> list[Cell]:
+    """Every cell of the sweep, grouped by model (so a model's workers can be released when it is done);
+    ``prompts`` maps each task to its prompt count when already known."""
     models = model_entries(cfg) if models is None else models
-    shards = {task: n_shards(cfg, task) for task in cfg.tasks}
+    shards = {task: n_shards(cfg, task, (prompts or {}).get(task)) for task in cfg.tasks}
     return [Cell(m.name, task, method, s)
             for m in models for task in cfg.tasks for s in range(shards[task])
             for method in (None, *cfg.methods)]

@@ -7,14 +7,17 @@
 
 Before Hydra runs anything, every job's overrides are composed against the structured schema, converted
 once to the frozen ``SweepConfig`` and checked against the model / task / method registries: a typo or a
-bad value ends the command with one line naming it (exit code 2), before Ray starts. Ctrl-C stops the
-workers and deletes temporary files (exit code 130); the same command resumes.
+bad value ends the command with one line naming it (exit code 2), before Ray starts; so does every other
+``AttrpatchError`` (a checkpoint, the results root, a failed cell: one line, the traceback only in the log
+file ``results/.hydra/<name>/<time>/run.log``). Ctrl-C or SIGTERM stops the workers and deletes temporary
+files (exit code 130 / 143, manifest ``interrupted``); the same command resumes.
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -35,17 +38,32 @@ def _hydra_job(cfg: DictConfig) -> None:
     from sweeps.driver import run_sweep
     from sweeps.summary import render
 
+    console = Console(width=None if sys.stdout.isatty() else 160)  # a log file gets the full table
     try:
         sweep = from_dictconfig(cfg)
-        report = run_sweep(sweep)
+        report = run_sweep(sweep, console)
     except AttrpatchError as e:
-        log.error("%s", e)
+        log.debug("the error in full", exc_info=True)  # the log file only
+        sys.stderr.write(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         log.error("interrupted: finished part files are kept and no partial file remains; "
                   "run the same command again to resume")
-        raise SystemExit(130) from None
-    render(report, Console(width=None if sys.stdout.isatty() else 160))  # a log file gets the full table
+        raise SystemExit(143 if isinstance(e, Terminated) or _sigterm["seen"] else 130) from None
+    if not sweep.plan:
+        render(report, console)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (a scheduler's stop or `kill`)."""
+
+
+_sigterm = {"seen": False}  # a library may turn our exception into a plain KeyboardInterrupt on its way up
+
+
+def _on_sigterm(signum, frame) -> None:
+    _sigterm["seen"] = True
+    raise Terminated()
 
 
 hydra_main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_hydra_job)
@@ -96,7 +114,7 @@ def one_line(e: BaseException) -> str:
                     ("object_type=", "reference_type=", "full_key:", "To append to your config")):
                 seen.add(line)
                 parts.append(line.rstrip("."))
-        cur = cur.__cause__ or cur.__context__
+        cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
     text = ": ".join(parts) or type(e).__name__
     full_key = next((k for k in (getattr(x, "full_key", None) for x in _chain(e)) if k), None)
     if full_key and ("not in struct" in text or "not in '" in text):
@@ -109,7 +127,7 @@ def one_line(e: BaseException) -> str:
 def _chain(e: BaseException):
     while e is not None:
         yield e
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
 
 
 def _did_you_mean(full_key: str) -> str | None:
@@ -138,10 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: {one_line(e)}\n")
         return 2
     sys.argv = [sys.argv[0], *argv]
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         hydra_main()
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -1,35 +1,15 @@
-"""Session-scoped tiny random GPT-2 checkpoints, saved and loaded through the same path a user's directory takes."""
+"""Session-scoped tiny random GPT-2 checkpoints, saved and loaded through the same path a user's directory takes;
+each model fixture is parametrised over the shapes of ``attrpatch.testing.SHAPES``."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from attrpatch import load_model, load_tokenizer
-
-# Two shapes, so that no test passes only because n_heads == n_layers or d_head == 16.
-SHAPES = {
-    "tiny-a": dict(n_layer=2, n_head=4, n_embd=64, n_positions=64),
-    "tiny-b": dict(n_layer=3, n_head=3, n_embd=48, n_positions=64),
-}
-
-
-def save_random_gpt2(path, seed: int = 0, **shape) -> str:
-    """A random GPT-2 with the real vocabulary and larger-than-default weights (so effects are not tiny)."""
-    torch.manual_seed(seed)
-    cfg = GPT2Config(**shape, vocab_size=50257)
-    model = GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 and "wte" not in name:
-                p.mul_(4.0)  # std 0.08: attention patterns far from uniform, MLPs non-linear
-            elif p.dim() == 1 and "ln" not in name:
-                p.normal_(0, 0.05)
-            elif "ln" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(path)
-    return str(path)
+from attrpatch.testing import SHAPES, devices, save_random_gpt2
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +26,45 @@ def tiny_dir(request, tmp_path_factory):
 def tiny(tiny_dir):
     """A LoadedModel per shape (parametrised over SHAPES)."""
     return load_model(tiny_dir)
+
+
+@pytest.fixture(scope="session", params=devices())
+def device(request):
+    """Every device present: cpu always, cuda when available (the GPU-relevant tests take it)."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def on_device(tiny_dir, device):
+    """The tiny model (each shape) on each device."""
+    return load_model(tiny_dir, device=device)
+
+
+@pytest.fixture(scope="module")
+def tiny64_on(tiny_dir, device):
+    """The float64 tiny model on each device."""
+    model = load_model(tiny_dir, device=device)
+    model.bridge.to(torch.float64)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny64(tiny_dir):
+    """The tiny model in float64, so that 1e-5 agreement measures the algorithm, not float32 rounding."""
+    model = load_model(tiny_dir)
+    model.bridge.to(torch.float64)
+    return model
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every in-process sweep test. It declares one logical GPU (``num_gpus=1``): workers are
+    placed with fractional GPUs exactly as on a GPU cluster, and each must notice that CUDA is absent."""
+    import ray
+
+    # workers import the test plugin module by name, so they need this directory on their path
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    yield ray
+    ray.shutdown()

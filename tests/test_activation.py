@@ -20,7 +20,7 @@ from transformer_lens import patching
 from attrpatch import make_batch
 from attrpatch.components import hook_name
 from attrpatch.engine import forward, run_with_acts, weights
-from attrpatch.methods import METHODS, MethodConfig, MethodError, load_builtin_methods, run_method
+from attrpatch.methods import METHODS, MethodError, load_builtin_methods, method_config, run_method
 from attrpatch.methods.activation import (
     COMPOSITES,
     GRANULARITIES,
@@ -51,8 +51,8 @@ def _runs(batch, direction):
 
 
 def _ours(model, batch, direction, names=ALL, max_rows=256, per_prompt=True):
-    cfg = MethodConfig(directions=(direction,), max_rows=max_rows, per_prompt=per_prompt,
-                       extra={"granularities": names})
+    cfg = method_config("activation", directions=(direction,), max_rows=max_rows, per_prompt=per_prompt,
+                        granularities=names)
     return {granularity_of(n): n for n in run_method("activation", model, batch, cfg).nodes}
 
 
@@ -109,6 +109,12 @@ def ours(tiny, batch):
     return {d: _ours(tiny, batch, d) for d in DIRECTIONS}
 
 
+@pytest.fixture(scope="module")
+def ours_on(on_device, batch):
+    """The same on every device present (the GPU-relevant comparisons take it)."""
+    return {d: _ours(on_device, batch, d) for d in DIRECTIONS}
+
+
 def test_registered():
     load_builtin_methods()
     info = METHODS["activation"]
@@ -140,9 +146,11 @@ def _tl_full(fn, model, batch, direction):
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
-def test_equals_transformer_lens_on_sampled_cells(tiny, batch, ours, direction):
-    """Every TL granularity, per prompt, on 8 cells each: the 4 largest effects and 4 random cells."""
-    run, src = _runs(batch, direction)
+def test_equals_transformer_lens_on_sampled_cells(on_device, batch, ours_on, direction, device):
+    """Every TL granularity, per prompt, on 8 cells each: the 4 largest effects and 4 random cells (every
+    device present)."""
+    tiny, ours = on_device, ours_on
+    run, src = (t.to(device) for t in _runs(batch, direction))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         _, src_cache = tiny.bridge.run_with_cache(src)
@@ -157,7 +165,7 @@ def test_equals_transformer_lens_on_sampled_cells(tiny, batch, ours, direction):
         with torch.no_grad():
             res = fn(tiny.bridge, run, src_cache, lambda logits: logit_diff(logits, batch), index_axis_names=None,
                      index_df=df, reduce="none", baseline=True)
-        expected = res.effect().T  # [prompt, cell]
+        expected = res.effect().T.cpu()  # [prompt, cell]
         actual = got.scores[(slice(None), *coords.T)]
         torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4, msg=name)
 
@@ -190,11 +198,11 @@ def test_composites_are_unions(tiny, batch, ours):
 
 
 @pytest.mark.parametrize("max_rows", [1, 7])
-def test_chunking_gives_the_same_scores(tiny, batch, ours, max_rows):
+def test_chunking_gives_the_same_scores(on_device, batch, ours_on, max_rows):
     names = ("attn_head_pattern_dest_src_pos", "attn_head_v_by_pos", "resid_pre", "attn_head_q_all_pos")
-    got = _ours(tiny, batch, "noise", names=names, max_rows=max_rows)
+    got = _ours(on_device, batch, "noise", names=names, max_rows=max_rows)
     for name in names:
-        torch.testing.assert_close(got[name].scores, ours["noise"][name].scores, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(got[name].scores, ours_on["noise"][name].scores, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_padding_prompt_alone_equals_prompt_in_batch(tiny, batch, ours):
@@ -221,23 +229,23 @@ def test_mean_over_prompts(tiny, batch, ours):
 
 
 def test_default_selection_follows_kinds_and_per_position():
-    by_pos = select_granularities(MethodConfig(kinds=("head_pattern", "mlp_out")))
+    by_pos = select_granularities(method_config("activation", kinds=("head_pattern", "mlp_out")))
     assert [g.name for g in by_pos] == ["mlp_out", "attn_head_pattern_by_pos", "attn_head_pattern_dest_src_pos"]
-    all_pos = select_granularities(MethodConfig(kinds=("head_q",), per_position=False))
+    all_pos = select_granularities(method_config("activation", kinds=("head_q",), per_position=False))
     assert [g.name for g in all_pos] == ["attn_head_q_all_pos"]
-    assert len(select_granularities(MethodConfig())) == 4 + 5 + 1
+    assert len(select_granularities(method_config("activation"))) == 4 + 5 + 1
 
 
-@pytest.mark.parametrize("cfg, words", [
-    (MethodConfig(kinds=("embed",)), "cannot patch kinds"),
-    (MethodConfig(extra={"granularities": ("attn_head_z_by_pos",)}), "unknown activation-patching granularity"),
-    (MethodConfig(extra={"granularity": ("resid_pre",)}), "takes no option"),
-    (MethodConfig(kinds=("head_q",), extra={"granularities": ("block_every",)}), "outside cfg.kinds"),
-    (MethodConfig(extra={"granularities": ()}), "is empty"),
+@pytest.mark.parametrize("fields, words", [
+    (dict(kinds=("embed",)), r"scores the kinds \['resid_pre'.*got kinds=\['embed'\]"),
+    (dict(granularities=("attn_head_z_by_pos",)), "unknown activation-patching granularities"),
+    (dict(granularity=("resid_pre",)), r"takes no option \['granularity'\]: its own options are \['granularities'\]"),
+    (dict(kinds=("head_q",), granularities=("block_every",)), "outside kinds"),
+    (dict(granularities=()), "is empty"),
 ])
-def test_bad_config_raises_one_clear_error(cfg, words):
+def test_bad_config_raises_one_clear_error(fields, words):
     with pytest.raises(MethodError, match=words):
-        select_granularities(cfg)
+        method_config("activation", **fields)
 
 
 def test_hook_names_match_tl_act_names(tiny):

@@ -26,7 +26,7 @@ from scipy.stats import spearmanr
 from analysis.compare import main as compare_main
 from analysis.compare import run as compare_run
 from analysis.query import ResultsError, open_results
-from attrpatch.scores import EDGE_SCHEMA, NODE_SCHEMA, PROMPT_SCHEMA
+from attrpatch.results import EDGE_SCHEMA, NODE_SCHEMA, PROMPT_SCHEMA
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MODELS = ("gpt2-small", "gpt2-medium")
@@ -79,7 +79,7 @@ EDGE_APPROX = np.round(EDGE_EXACT + RNG.normal(size=40) * 2)  # integers: ties o
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("results")
-    (root / "manifest.json").write_text('{"models": [{"name": "tiny-x", "n_params_m": 3.5}]}')
+    (root / "manifest.json").write_text('{"models": {"tiny-x": {"n_params": 3500000, "d_model": 64}}}')
     for model in MODELS:
         exact = HEAD_EXACT[model]
         approx = exact if model == "gpt2-small" else -exact
@@ -137,7 +137,7 @@ def test_compare_known_answers(root, tmp_path):
     small = _row(df, model="gpt2-small", kind="head_out", method="attribution")
     assert (small.n_scores, small.pearson, small.spearman, small.recall_top10, small.sign_agreement) == \
         (20, pytest.approx(1.0), pytest.approx(1.0), 1.0, 1.0)
-    assert small.n_params_m == 124
+    assert small.n_params_m == pytest.approx(124.44, abs=0.01) and small.d_model == 768
     medium = _row(df, model="gpt2-medium", kind="head_out", method="attribution")
     assert medium.pearson == pytest.approx(-1.0) and medium.spearman == pytest.approx(-1.0)
     assert medium.recall_top10 == 1.0 and medium.recall_top5pct == 1.0  # |score| ranks agree
@@ -163,7 +163,7 @@ def test_compare_known_answers(root, tmp_path):
 
     names = {p.name for p in written}
     assert {"compare.md", "compare.csv", "correlation_by_size.png"} <= names
-    assert any(n.startswith("scatter_edges_ioi_denoise_edge_attribution") for n in names)
+    assert "scatter_edges_gpt2-small_ioi_edge_attribution_edge_activation_mean_denoise.png" in names
     for p in written:
         assert p.stat().st_size > 0
     md = (tmp_path / "compare.md").read_text()
@@ -256,16 +256,19 @@ def test_faithfulness_curves_pool_shards(root, tmp_path):
 
 def test_model_sizes_from_sweep_manifest(tmp_path, tiny_dir):
     """A sweep's manifest maps local model names to checkpoint directories; their size is estimated."""
-    from attrpatch.models import resolve_spec
+    from attrpatch.models import model_shape, resolve_spec
 
     root = tmp_path / "local"
     (tmp_path / "local").mkdir()
-    manifest = {"models": {"local-x": str(tiny_dir), "gone": "/nonexistent/dir"},
-                "sizes": [{"name": "named", "n_params_m": 3.5}]}
+    manifest = {"models": {"local-x": {"source": str(tiny_dir)}, "gone": {"source": "/nonexistent/dir"},
+                           "named": {"source": "x", "n_params": 3_500_000, "d_model": 32}}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     for model in ("local-x", "gone", "named", "gpt2-xl"):
         write_part(root, "nodes", node_rows("mlp_out", 0, None, None, None, [1.0], 1), model=model, task="ioi",
                    method="activation")
-    sizes = dict(open_results(root).execute("SELECT model, n_params_m FROM models").fetchall())
-    assert sizes["local-x"] == resolve_spec(tiny_dir).n_params_m and sizes["named"] == 3.5
-    assert sizes["gpt2-xl"] == 1558 and sizes["gone"] is None  # unknown: NULL in SQL
+    rows = open_results(root).execute("SELECT model, n_params_m, d_model FROM models").fetchall()
+    sizes = {m: (n, d) for m, n, d in rows}
+    shape = model_shape(resolve_spec(tiny_dir))
+    assert sizes["local-x"] == (pytest.approx(shape.n_params / 1e6), shape.d_model)
+    assert sizes["named"] == (3.5, 32)
+    assert sizes["gpt2-xl"] == (pytest.approx(1557.6, abs=0.1), 1600) and sizes["gone"] == (None, None)  # NULL

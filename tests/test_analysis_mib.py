@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from analysis.mib import ExportError, export, main, mib_graph
+from analysis.mib import SIGN, ExportError, export, main, mib_graph
 from attrpatch.components import Node
-from attrpatch.scores import EDGE_SCHEMA
+from attrpatch.results import EDGE_SCHEMA
 
 N_LAYERS, N_HEADS, N_POS = 2, 3, 3
 QKV = ("head_q", "head_k", "head_v")
@@ -94,18 +94,29 @@ def test_export_round_trips_scores(root_and_expected, tmp_path, direction):
     assert graph["cfg"] == {"n_layers": N_LAYERS, "n_heads": N_HEADS, "parallel_attn_mlp": False, "d_model": 768}
     assert set(graph["nodes"]) == set(mib_graph(N_LAYERS, N_HEADS)[0])
     got = np.array([graph["edges"][name(s, d)]["score"] for s, d in edges])
-    np.testing.assert_allclose(got, expected[direction], rtol=1e-5, atol=1e-6)
+    # MIB's orientation: noise scores negated (EAP-IG: −(1/N) Σ (corrupt − clean)·∂LD/∂a), denoise as they are
+    np.testing.assert_allclose(got, SIGN[direction] * expected[direction], rtol=1e-5, atol=1e-6)
+    assert SIGN == {"noise": -1.0, "denoise": 1.0}
     assert all(e["in_graph"] for e in graph["edges"].values()) and all(n["in_graph"] for n in graph["nodes"].values())
 
 
-def test_top_percent_marks_largest_edges(root_and_expected, tmp_path):
+@pytest.mark.parametrize("ranking", ["signed", "abs"])
+def test_top_percent_marks_largest_edges(root_and_expected, tmp_path, ranking):
+    """in_graph follows MIB's signed ranking (CPR): the edges whose *noising* hurts the metric most, i.e. the
+    most negative attrpatch noise scores; by |score| with --ranking abs."""
     root, edges, expected = root_and_expected
-    graph = json.loads(export(root, "gpt2-small", "ioi", "eap_ig", tmp_path / "g.json", top_percent=10).read_text())
+    graph = json.loads(export(root, "gpt2-small", "ioi", "eap_ig", tmp_path / "g.json", top_percent=10,
+                              ranking=ranking).read_text())
     kept = {k for k, e in graph["edges"].items() if e["in_graph"]}
     n = int(0.1 * len(edges))
     assert len(kept) == n
-    order = np.argsort(-np.abs(expected["noise"]))
+    ours = expected["noise"]
+    order = np.argsort(ours if ranking == "signed" else -np.abs(ours), kind="stable")
     assert kept == {name(*edges[i]) for i in order[:n]}
+    if ranking == "signed":  # read back: the kept edges are those attrpatch scores most negative (noise)
+        assert max(graph["edges"][k]["score"] for k in set(graph["edges"]) - kept) <= \
+            min(graph["edges"][k]["score"] for k in kept)
+        assert all(ours[i] < 0 for i in order[:n])
     touched = {p for k in kept for p in (k.split("->")[0], k.split("->")[1].split("<")[0])}
     assert {k for k, v in graph["nodes"].items() if v["in_graph"]} == touched | {"logits"}
 
@@ -127,6 +138,6 @@ def test_export_errors_and_cli(root_and_expected, tmp_path):
     pq.write_table(t.filter(pa.compute.not_equal(t["src_component"], "mlp_out")), d / "part-00000.parquet")
     with pytest.raises(ExportError, match="edges missing"):
         export(partial, "gpt2-small", "ioi", "eap_ig", tmp_path / "x.json")
-    main([str(root), "--model", "gpt2-small", "--task", "ioi", "--method", "eap_ig", "--out", str(tmp_path / "c.json"),
-          "--direction", "denoise"])
+    assert main([str(root), "--model", "gpt2-small", "--task", "ioi", "--method", "eap_ig", "--out",
+                 str(tmp_path / "c.json"), "--direction", "denoise"]) == 0
     assert len(json.loads((tmp_path / "c.json").read_text())["edges"]) == len(edges)

@@ -10,19 +10,18 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import pytest
 import torch
 
 from attrpatch import make_batch
 from attrpatch.components import hook_name
 from attrpatch.engine import forward, weights
-from attrpatch.methods import MethodConfig, MethodError, run_method
+from attrpatch.methods import MethodConfig, MethodError, method_config, run_method
 from attrpatch.methods.attention_attribution import attention_scores
 from attrpatch.methods.dla import DLA_KINDS, dla_constant, dla_scores
 from attrpatch.metrics import final_logit_diff
 from attrpatch.scores import node_table
+from attrpatch.testing import grad_through
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +29,6 @@ def batch(tokenizer):
     b = make_batch("ioi", tokenizer, n_prompts=4, seed=1)
     assert len(set(b.answer_pos.tolist())) > 1, "the test batch must mix prompt lengths (padding)"
     return b
-
-
-@contextmanager
-def _grad_through(bridge):
-    params = list(bridge.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(False)
 
 
 def _bridge_metric(logits, batch, i):
@@ -60,7 +47,7 @@ def test_attention_attribution_matches_slow_bridge_reference(tiny, batch):
         live, grads = {}, {}
         fwd = [(nm, lambda t, hook, nm=nm, live=live: live.__setitem__(nm, t)) for nm in names]
         bwd = [(nm, lambda g, hook, nm=nm, grads=grads: grads.__setitem__(nm, g.detach().clone())) for nm in names]
-        with _grad_through(tiny.bridge), tiny.bridge.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
+        with grad_through(tiny), tiny.bridge.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
             metric = _bridge_metric(tiny.bridge(batch.clean_tokens[i:i + 1, :n]), batch, i)
             returned = torch.autograd.grad(metric, [live[nm] for nm in names])
         for nm, g in zip(names, returned, strict=True):
@@ -134,7 +121,8 @@ def test_dla_adds_up_to_the_bridge_logit_difference(tiny, batch):
     sigma = (final_resid.var(-1, unbiased=False) + w.eps).sqrt()
     u = (w.W_U[:, batch.answer_ids] - w.W_U[:, batch.wrong_ids]).T * w.lnf_w
     v = (u - u.mean(-1, keepdim=True)) / sigma[:, None]
-    torch.testing.assert_close(s["head_out"].sum(2) + (w.b_O @ v.T).T, s["attn_out"], rtol=1e-4, atol=1e-5)
+    b_O = torch.stack([lyr.b_O for lyr in w.layers])
+    torch.testing.assert_close(s["head_out"].sum(2) + (b_O @ v.T).T, s["attn_out"], rtol=1e-4, atol=1e-5)
 
 
 def test_dla_matches_literal_bridge_reference(tiny, batch):
@@ -181,5 +169,5 @@ def test_dla_method(tiny, batch):
     assert table.column("pos").null_count == table.num_rows
     with pytest.raises(MethodError, match=str(list(DLA_KINDS)).replace("[", r"\[").replace("]", r"\]")):
         run_method("dla", tiny, batch, MethodConfig(kinds=("head_q",)))
-    with pytest.raises(MethodError, match="cfg.extra"):
-        run_method("dla", tiny, batch, MethodConfig(extra={"pos": 3}))
+    with pytest.raises(MethodError, match=r"takes no option \['pos'\]"):
+        method_config("dla", pos=3)

@@ -11,18 +11,18 @@
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
 
 import pytest
 import torch
 
 from attrpatch import make_batch
 from attrpatch.components import HEAD_VECTOR_KINDS, NODE_KINDS, hook_name
-from attrpatch.engine import Recorder, forward, weights
-from attrpatch.methods import MethodConfig, MethodError, run_method
+from attrpatch.engine import Recorder, Start, forward, weights
+from attrpatch.methods import MethodConfig, MethodError, method_config, run_method
 from attrpatch.methods.attribution import ATP_KINDS, atp_scores
 from attrpatch.metrics import final_logit_diff
 from attrpatch.scores import node_table
+from attrpatch.testing import grad_through
 
 RUN = {"denoise": "corrupt", "noise": "clean"}  # the prompt whose forward is differentiated
 PATCH = {"denoise": "clean", "noise": "corrupt"}  # the prompt whose activations are patched in
@@ -39,33 +39,22 @@ def _tokens(batch, which):
     return batch.clean_tokens if which == "clean" else batch.corrupt_tokens
 
 
-@contextmanager
-def _grad_through(bridge):
-    """TL's attribution code needs a graph; our loader freezes the weights. Undone in finally."""
-    params = list(bridge.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(False)
-
-
 # ----------------------------------------------------------------------------- TransformerLens oracle
 
-def test_atp_matches_transformer_lens(tiny, batch):
-    """TL scores embed (hook_embed), each head's z and each mlp_out per position, denoise direction."""
+def test_atp_matches_transformer_lens(on_device, batch, device):
+    """TL scores embed (hook_embed), each head's z and each mlp_out per position, denoise direction (every
+    device present)."""
     from transformer_lens.tools.analysis.attribution_patching import attribution_patch
 
+    tiny = on_device
     ours = atp_scores(weights(tiny), batch, kinds=("embed", "mlp_out", "head_out"), directions=("denoise",))
     checked = 0
     for i in range(len(batch)):
         n = int(batch.lengths[i])
         ap, a, wr = int(batch.answer_pos[i]), int(batch.answer_ids[i]), int(batch.wrong_ids[i])
-        with _grad_through(tiny.bridge):
-            res = attribution_patch(tiny.bridge, batch.clean_tokens[i:i + 1, :n], batch.corrupt_tokens[i:i + 1, :n],
-                                    lambda lg, ap=ap, a=a, wr=wr: lg[0, ap, a] - lg[0, ap, wr])
+        clean, corrupt = (t[i:i + 1, :n].to(device) for t in (batch.clean_tokens, batch.corrupt_tokens))
+        with grad_through(tiny):
+            res = attribution_patch(tiny.bridge, clean, corrupt, lambda lg, ap=ap, a=a, wr=wr: lg[0, ap, a] - lg[0, ap, wr])
         for node, tl in res.node_scores.items():
             if node.kind == "embed":
                 mine = ours[("denoise", "embed")][0][i, node.position]
@@ -95,7 +84,7 @@ def _bridge_acts_and_grads(bridge, tokens, ap, a, wr, names):
             grads[name] = g.detach().clone()
         return hook
 
-    with _grad_through(bridge), bridge.hooks(fwd_hooks=[(n, fwd(n)) for n in names],
+    with grad_through(bridge), bridge.hooks(fwd_hooks=[(n, fwd(n)) for n in names],
                                              bwd_hooks=[(n, bwd(n)) for n in names]):
         logits = bridge(tokens)
         metric = logits[0, ap, a] - logits[0, ap, wr]
@@ -173,8 +162,7 @@ def _double(w, batch):
     """float64 weights with the unembedding cut to the compared tokens (the logit difference reads only
     those columns, and ln_final acts per row, so every metric value is unchanged) and the matching batch."""
     ids = torch.cat([batch.answer_ids, batch.wrong_ids]).unique()
-    w = dataclasses.replace(w, **{f.name: getattr(w, f.name).double() for f in dataclasses.fields(w)
-                                  if isinstance(getattr(w, f.name), torch.Tensor)})
+    w = w.map_tensors(torch.Tensor.double)
     w = dataclasses.replace(w, W_U=w.W_U[:, ids], b_U=w.b_U[ids])
     remap = lambda t: torch.searchsorted(ids, t)  # noqa: E731
     return w, dataclasses.replace(batch, answer_ids=remap(batch.answer_ids), wrong_ids=remap(batch.wrong_ids))
@@ -236,10 +224,10 @@ def _linear_variant(w, batch):
     L = w.n_layers
     ln1 = torch.tensor([root / sigma("resid_pre", layer) for layer in range(L)], dtype=torch.float64)
     ln2 = torch.tensor([root / sigma("resid_mid", layer) for layer in range(L)], dtype=torch.float64)
-    W_in = w.W_in.clone()
-    W_in[L - 1] = 0
-    return dataclasses.replace(w, eps=big, ln1_w=w.ln1_w * ln1[:, None], ln2_w=w.ln2_w * ln2[:, None],
-                               lnf_w=w.lnf_w * root / sigma("logits", L), W_in=W_in)
+    layers = tuple(dataclasses.replace(lyr, ln1_w=lyr.ln1_w * ln1[i], ln2_w=lyr.ln2_w * ln2[i],
+                                       W_in=lyr.W_in * 0 if i == L - 1 else lyr.W_in)
+                   for i, lyr in enumerate(w.layers))
+    return dataclasses.replace(w, eps=big, layers=layers, lnf_w=w.lnf_w * root / sigma("logits", L))
 
 
 LINEAR_KINDS = ("head_v", "head_out", "attn_out", "resid_mid", "resid_post")  # last mlp_out: constant here
@@ -264,7 +252,7 @@ def _node_patch_effects(w, batch, direction, kind, run, patch):
         return patched if (k, lay) == (kind, layer) else x
 
     with torch.no_grad():
-        logits = forward(w, None, batch.answer_pos.repeat(cells), edit, start=layer, resid=resid)
+        logits = forward(w, None, batch.answer_pos.repeat(cells), edit, start=Start(layer, resid))
     effect = final_logit_diff(logits, batch).reshape(cells, b) - base  # [node, prompt]
     if kind in HEAD_VECTOR_KINDS:
         return effect.reshape(p, w.n_heads, b).permute(2, 1, 0)  # [prompt, head, pos]
@@ -320,13 +308,13 @@ def test_views_and_kinds(tiny, batch):
 
 
 def test_bad_input_raises_one_clear_error(tiny, batch):
-    with pytest.raises(MethodError, match="head_z.*non-empty subset"):
+    with pytest.raises(MethodError, match="scores the kinds.*head_z"):
         run_method("attribution", tiny, batch, MethodConfig(kinds=("head_out", "head_z")))
-    with pytest.raises(MethodError, match="non-empty subset"):
+    with pytest.raises(MethodError, match="scores the kinds"):
         run_method("attribution", tiny, batch, MethodConfig(kinds=()))
     with pytest.raises(MethodError, match="directions"):
         MethodConfig(directions=("sideways",))
-    with pytest.raises(MethodError, match="cfg.extra"):
-        run_method("attribution", tiny, batch, MethodConfig(extra={"steps": 3}))
+    with pytest.raises(MethodError, match=r"takes no option \['steps'\].*no options of its own"):
+        method_config("attribution", steps=3)
     with pytest.raises(MethodError, match="unknown direction"):
         atp_scores(weights(tiny), batch, directions=("sideways",))

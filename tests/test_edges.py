@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest_edges import bridge_grads, rel_close, tiny64_fixture  # noqa: F401  (registers fixture tiny64)
 from transformer_lens.tools.analysis.attribution_patching import (
     EdgeAttributionConfig,
     _edge_hook_flags,
@@ -19,52 +18,11 @@ from transformer_lens.tools.analysis.attribution_patching import Node as TLNode
 from attrpatch import make_batch
 from attrpatch.components import Node
 from attrpatch.engine import forward, weights
-from attrpatch.graph import EdgeGraph, GraphError, head_path_view
+from attrpatch.graph import EdgeGraph, head_path_view
 from attrpatch.methods import MethodConfig, run_method
-from attrpatch.methods.edge_attribution import eap_scores
-from attrpatch.scores import EdgeIndex, EdgeScores, edge_table
-
-
-def literal_edge_list(n_layers: int, n_heads: int) -> list[tuple[Node, Node]]:
-    """Edges enumerated as TransformerLens' ``enumerate_edges`` does: readers connect to the writers so far."""
-    edges, available = [], [Node("embed", 0)]
-    for layer in range(n_layers):
-        for kind in ("head_q", "head_k", "head_v"):
-            for h in range(n_heads):
-                edges += [(s, Node(kind, layer, h)) for s in available]
-        available = available + [Node("head_out", layer, h) for h in range(n_heads)]
-        edges += [(s, Node("mlp_in", layer)) for s in available]
-        available = available + [Node("mlp_out", layer)]
-    edges += [(s, Node("logits", n_layers)) for s in available]
-    return edges
-
-
-@pytest.mark.parametrize(("n_layers", "n_heads", "expected"),
-                         [(12, 12, 32491), (2, 4, None), (3, 3, None), (24, 16, None)])
-def test_edge_counts_from_shape_alone(n_layers, n_heads, expected):
-    graph = EdgeGraph(n_layers, n_heads)
-    literal = literal_edge_list(n_layers, n_heads)
-    assert graph.n_edges == len(literal) == (expected or len(literal))
-    if n_layers < 12:  # the valid mask marks exactly the literal edges
-        si = {n: i for i, n in enumerate(graph.src)}
-        di = {n: i for i, n in enumerate(graph.dst)}
-        mask = torch.zeros_like(graph.valid)
-        for s, d in literal:
-            mask[si[s], di[d]] = True
-        assert torch.equal(mask, graph.valid)
-
-
-def test_graph_errors():
-    with pytest.raises(GraphError, match="n_layers >= 1"):
-        EdgeGraph(0, 4)
-    graph = EdgeGraph(2, 4)
-    with pytest.raises(GraphError, match="edge mask has shape"):
-        graph.subset(torch.ones(3, 3, dtype=torch.bool))
-    index = EdgeIndex(graph.src[:-1] + (Node("mlp_out", 7),), graph.dst, graph.valid)
-    bad = EdgeScores("denoise", index, torch.zeros(graph.n_src, graph.n_dst), ("src", "dst"))
-    with pytest.raises(GraphError, match="not over an attrpatch edge graph"):
-        head_path_view(bad)
-
+from attrpatch.methods.core import budget_scale, edge_scores
+from attrpatch.scores import EdgeScores, edge_table
+from attrpatch.testing import grad_through, rel_close
 
 # --- helpers shared by the oracle tests ---------------------------------------------------------------
 
@@ -76,31 +34,33 @@ def tl_to_ours(node: TLNode, graph: EdgeGraph) -> Node:
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-def test_eap_matches_transformer_lens_edge_attribution(tiny64, tokenizer, direction):
-    """TL 4.3 ``attribution_patch(granularity="edge")``: per prompt and position, every edge, to 1e-5."""
+def test_eap_matches_transformer_lens_edge_attribution(tiny64_on, tokenizer, direction, device):
+    """TL 4.3 ``attribution_patch(granularity="edge")``: per prompt and position, every edge, to 1e-5 (every
+    device present)."""
+    tiny64 = tiny64_on
     batch = make_batch("ioi", tokenizer, n_prompts=3, seed=5)
     w = weights(tiny64)
     graph = EdgeGraph.of(w)
-    ours = eap_scores(w, batch, (direction,), per_prompt=True, per_position=True)[direction]
+    ours = edge_scores(w, batch, directions=(direction,), per_prompt=True, per_position=True)[direction]
     si = {n: i for i, n in enumerate(graph.src)}
     di = {n: i for i, n in enumerate(graph.dst)}
-    clean, corrupt = batch.clean_tokens, batch.corrupt_tokens
+    clean, corrupt = batch.clean_tokens.to(device), batch.corrupt_tokens.to(device)
     if direction == "noise":  # TL's gradient is on its `corrupt` argument: the run input
         clean, corrupt = corrupt, clean
     for i in range(len(batch)):
         ap, a, wr = int(batch.answer_pos[i]), int(batch.answer_ids[i]), int(batch.wrong_ids[i])
-        with bridge_grads(tiny64):
+        with grad_through(tiny64):
             res = attribution_patch(tiny64.bridge, clean[i:i + 1], corrupt[i:i + 1],
                                     lambda lg, ap=ap, a=a, wr=wr: lg[0, ap, a] - lg[0, ap, wr],
                                     EdgeAttributionConfig(granularity="edge"))
-        ref = torch.zeros_like(ours[i])
-        seen = torch.zeros_like(ours[i], dtype=torch.bool)
+        ref = torch.zeros_like(ours[i].cpu())
+        seen = torch.zeros_like(ref, dtype=torch.bool)
         for (u, v), value in res.edge_scores.items():
             cell = (u.position, si[tl_to_ours(u, graph)], di[tl_to_ours(v, graph)])
             ref[cell], seen[cell] = value, True
         assert int(seen.sum()) == graph.n_edges * batch.n_pos  # the same edges, every position
         assert torch.equal(seen[0], graph.valid)
-        rel_close(ours[i], ref)
+        rel_close(ours[i].cpu(), ref)
 
 
 def acdcpp_loop(model, batch, graph: EdgeGraph) -> torch.Tensor:
@@ -114,7 +74,7 @@ def acdcpp_loop(model, batch, graph: EdgeGraph) -> torch.Tensor:
         return (final[rows, batch.answer_ids] - final[rows, batch.wrong_ids]).sum()
 
     names = _edge_hook_names(n_layers) + _writer_hook_names(n_layers)
-    with bridge_grads(model), _edge_hook_flags(model.bridge):
+    with grad_through(model), _edge_hook_flags(model.bridge):
         clean = cache_activation_and_gradient(model.bridge, batch.clean_tokens, metric, names, compute_gradient=False)
         corrupt = cache_activation_and_gradient(model.bridge, batch.corrupt_tokens, metric, names)
     act_c, act_x, grad = clean.activations, corrupt.activations, corrupt.gradients
@@ -162,7 +122,7 @@ def test_eap_matches_acdcpp_loop(tiny64, tokenizer):
     batch = make_batch("ioi", tokenizer, n_prompts=4, seed=2)
     w = weights(tiny64)
     graph = EdgeGraph.of(w)
-    ours = eap_scores(w, batch, ("denoise",), per_prompt=False, per_position=False)["denoise"]
+    ours = edge_scores(w, batch, directions=("denoise",), per_prompt=False, per_position=False)["denoise"]
     ref = acdcpp_loop(tiny64, batch, graph)
     assert torch.equal(ref != 0, graph.valid & (ours != 0))  # the loop fills exactly the valid edges
     rel_close(ours, ref)
@@ -177,7 +137,7 @@ def test_outgoing_sum_equals_node_atp(tiny64, tokenizer):
     batch = make_batch("ioi", tokenizer, n_prompts=3, seed=7)
     w = weights(tiny64)
     graph = EdgeGraph.of(w)
-    eap = eap_scores(w, batch, ("denoise",), per_prompt=True, per_position=True)["denoise"]
+    eap = edge_scores(w, batch, directions=("denoise",), per_prompt=True, per_position=True)["denoise"]
     kinds = ("embed", "head_out", "mlp_out")
 
     def run(tokens, grad):
@@ -216,7 +176,7 @@ def test_head_path_view_is_the_demo_head_path(tiny64, tokenizer):
     w = weights(tiny64)
     graph = EdgeGraph.of(w)
     L, H = graph.n_layers, graph.n_heads
-    scores = eap_scores(w, batch, ("denoise",), per_prompt=True, per_position=True)["denoise"]
+    scores = edge_scores(w, batch, directions=("denoise",), per_prompt=True, per_position=True)["denoise"]
     view = head_path_view(EdgeScores("denoise", graph.index(), scores.sum(0), ("pos", "src", "dst")))
     assert view.shape == (batch.n_pos, 3, L, H, L, H)
 
@@ -226,7 +186,7 @@ def test_head_path_view_is_the_demo_head_path(tiny64, tokenizer):
         return (final[rows, batch.answer_ids] - final[rows, batch.wrong_ids]).sum()
 
     names = _edge_hook_names(L)
-    with bridge_grads(tiny64), _edge_hook_flags(tiny64.bridge):
+    with grad_through(tiny64), _edge_hook_flags(tiny64.bridge):
         clean = cache_activation_and_gradient(tiny64.bridge, batch.clean_tokens, metric, names + _writer_hook_names(L),
                                               compute_gradient=False)
         corrupt = cache_activation_and_gradient(tiny64.bridge, batch.corrupt_tokens, metric,
@@ -255,7 +215,8 @@ def test_method_result_and_table(tiny, tokenizer):
         assert t.num_rows == graph.n_edges and set(t.column("n_prompts").to_pylist()) == {3}
     # Chunking the prompts (one per pass) changes nothing; the mean equals the per-prompt mean.
     w = weights(tiny)
-    one = eap_scores(w, batch, ("noise",), per_prompt=True, per_position=False, max_rows=1)["noise"]
+    one = edge_scores(w, batch, directions=("noise",), per_prompt=True, per_position=False, max_rows=1)["noise"]
     torch.testing.assert_close(one.mean(0), res.edges[1].scores, rtol=1e-5, atol=1e-7)
-    tiny_budget = eap_scores(w, batch, ("noise",), per_prompt=True, per_position=True, budget=1)["noise"]
+    with budget_scale(1e-30):  # a budget of ~0 bytes: one prompt per pass
+        tiny_budget = edge_scores(w, batch, directions=("noise",), per_prompt=True, per_position=True)["noise"]
     torch.testing.assert_close(tiny_budget.sum(1), one, rtol=1e-5, atol=1e-7)

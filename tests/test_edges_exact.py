@@ -7,15 +7,15 @@ import math
 
 import pytest
 import torch
-from conftest_edges import rel_close, tiny64_fixture  # noqa: F401  (registers fixture tiny64)
 
 from attrpatch import make_batch
 from attrpatch.engine import forward, run_with_acts, weights
 from attrpatch.graph import EdgeGraph
-from attrpatch.methods import MethodConfig, MethodError, run_method
+from attrpatch.methods import MethodConfig, MethodError, method_config, run_method
+from attrpatch.methods.core import edge_scores
 from attrpatch.methods.edge_activation import choose_edges, exact_edge_scores
-from attrpatch.methods.edge_attribution import eap_scores
 from attrpatch.scores import edge_table
+from attrpatch.testing import rel_close
 
 
 def _metric(logits, batch):
@@ -41,7 +41,7 @@ def slow_edge_patch(w, batch, direction, cells):
         if node.component == "mlp_out":
             return a_patch[("mlp_out", node.layer)] - a_run[("mlp_out", node.layer)]
         dz = a_patch[("head_out", node.layer)] - a_run[("head_out", node.layer)]
-        return dz[:, :, node.head] @ w.W_O[node.layer, node.head]
+        return dz[:, :, node.head] @ w.W_O_heads(node.layer)[node.head]
 
     out = []
     for s, d, pos in cells:
@@ -102,7 +102,7 @@ def test_eap_is_the_linear_limit_of_exact_edge_patching(tiny64, tokenizer):
     """Patch a_run + ε·Δ: exact(ε)/ε − EAP = O(ε), so the relative error falls linearly with ε."""
     batch = make_batch("ioi", tokenizer, n_prompts=3, seed=0)
     w = weights(tiny64)
-    eap = eap_scores(w, batch, ("denoise",), per_prompt=True, per_position=False)["denoise"]
+    eap = edge_scores(w, batch, directions=("denoise",), per_prompt=True, per_position=False)["denoise"]
 
     def rel_err(eps):
         exact = exact_edge_scores(w, batch, "denoise", per_prompt=True, per_position=False, delta_scale=eps)
@@ -122,7 +122,7 @@ def test_edge_subset_top_half_and_random_half(tiny, tokenizer):
     keep = choose_edges(w, batch, "denoise", 0.2, seed=0, max_rows=256)
     n_keep = math.ceil(0.2 * graph.n_edges)
     assert int(keep.sum()) == n_keep and not (keep & ~graph.valid).any()
-    eap = eap_scores(w, batch, ("denoise",), per_prompt=False, per_position=False)["denoise"].abs()
+    eap = edge_scores(w, batch, directions=("denoise",), per_prompt=False, per_position=False)["denoise"].abs()
     top = eap[graph.valid].sort(descending=True).values[(n_keep + 1) // 2 - 1]
     assert (keep & (eap > top)).sum() == (eap[graph.valid] > top).sum()  # every top edge is kept
     other = choose_edges(w, batch, "denoise", 0.2, seed=1, max_rows=256)
@@ -137,7 +137,7 @@ def test_edge_subset_top_half_and_random_half(tiny, tokenizer):
 
 def test_edge_activation_method(tiny, tokenizer):
     batch = make_batch("pronoun", tokenizer, n_prompts=3)
-    cfg = MethodConfig(directions=("denoise", "noise"), per_position=False, edge_subset=0.1, seed=2)
+    cfg = method_config("edge_activation", directions=("denoise", "noise"), per_position=False, edge_subset=0.1, seed=2)
     res = run_method("edge_activation", tiny, batch, cfg)
     graph = EdgeGraph.of(weights(tiny))
     n_keep = math.ceil(0.1 * graph.n_edges)

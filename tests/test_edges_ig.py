@@ -10,14 +10,14 @@
 from __future__ import annotations
 
 import torch
-from conftest_edges import rel_close, tiny64_fixture  # noqa: F401  (registers fixture tiny64)
 
 from attrpatch import make_batch
 from attrpatch.engine import forward, run_with_acts, weights
 from attrpatch.graph import EdgeGraph
-from attrpatch.methods import MethodConfig, run_method
+from attrpatch.methods import method_config, run_method
+from attrpatch.methods.core import edge_scores
 from attrpatch.methods.eap_ig import eap_ig_scores
-from attrpatch.methods.edge_attribution import eap_scores
+from attrpatch.testing import rel_close
 
 
 def _metric(logits, batch):
@@ -29,7 +29,7 @@ def test_one_step_is_eap_on_the_patch_input(tiny64, tokenizer):
     batch = make_batch("ioi", tokenizer, n_prompts=3, seed=6)
     w = weights(tiny64)
     ig = eap_ig_scores(w, batch, ("denoise", "noise"), steps=1, per_prompt=True, per_position=True)
-    eap = eap_scores(w, batch, ("denoise", "noise"), per_prompt=True, per_position=True)
+    eap = edge_scores(w, batch, directions=("denoise", "noise"), per_prompt=True, per_position=True)
     rel_close(ig["denoise"], -eap["noise"], rtol=1e-9)
     rel_close(ig["noise"], -eap["denoise"], rtol=1e-9)
 
@@ -57,7 +57,7 @@ def literal_ig(w, batch, steps):
     deltas = [a_patch[("resid_pre", 0)] - a_run[("resid_pre", 0)]]
     for layer in range(graph.n_layers):
         dz = a_patch[("head_out", layer)] - a_run[("head_out", layer)]
-        deltas += [dz[:, :, h] @ w.W_O[layer, h] for h in range(graph.n_heads)]
+        deltas += [dz[:, :, h] @ w.W_O_heads(layer)[h] for h in range(graph.n_heads)]
         deltas.append(a_patch[("mlp_out", layer)] - a_run[("mlp_out", layer)])
     e_patch = w.W_E[batch.clean_tokens]
     grads = {}
@@ -105,7 +105,7 @@ def test_steps_in_the_batch_equal_separate_passes(tiny64, tokenizer):
 
 def test_eap_ig_method(tiny, tokenizer):
     batch = make_batch("pronoun", tokenizer, n_prompts=2)
-    res = run_method("eap_ig", tiny, batch, MethodConfig(ig_steps=3, per_position=False))
+    res = run_method("eap_ig", tiny, batch, method_config("eap_ig", ig_steps=3, per_position=False))
     graph = EdgeGraph.of(weights(tiny))
     (e,) = res.edges
     assert e.direction == "denoise" and e.axes == ("prompt", "src", "dst") and e.index.n_edges == graph.n_edges

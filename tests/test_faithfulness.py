@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from attrpatch import make_batch
-from attrpatch.circuits import CircuitError, SiteMap, circuit_metric, source_writes, template_mean
+from attrpatch.circuits import CircuitError, ablated_writes, circuit_metric, template_mean
 from attrpatch.components import Node
-from attrpatch.engine import _ln, forward, run_with_acts, weights
-from attrpatch.methods import MethodConfig, MethodError, run_method
+from attrpatch.engine import forward, layer_norm, run_with_acts, weights
+from attrpatch.methods import MethodConfig, MethodError, method_config, run_method
 from attrpatch.methods.faithfulness import (
     FAITHFULNESS_SCHEMA,
     K_PERCENT,
@@ -58,6 +58,14 @@ def logit_diff(logits, batch):
     return logits[r, batch.answer_ids] - logits[r, batch.wrong_ids]
 
 
+def in_index_order(w, index: EdgeIndex, writes: torch.Tensor) -> torch.Tensor:
+    """Source writes (graph order) permuted into the order ``index`` lists its sources."""
+    from attrpatch.graph import EdgeGraph
+
+    order = EdgeGraph.of(w).src
+    return writes[:, :, [order.index(n) for n in index.src]]
+
+
 def literal_metric(w, index: EdgeIndex, circuit: torch.Tensor, batch, abl: torch.Tensor) -> torch.Tensor:
     """Slow reference: every target input assembled edge by edge from kept live / ablated writes + biases."""
     src_i = {n: i for i, n in enumerate(index.src)}
@@ -66,7 +74,8 @@ def literal_metric(w, index: EdgeIndex, circuit: torch.Tensor, batch, abl: torch
 
     def assemble(d: Node, n_bias_layers: int) -> torch.Tensor:
         j = dst_i[d]
-        acc = w.b_O[:n_bias_layers].sum(0).expand(*batch.clean_tokens.shape, -1).clone()
+        b_O = torch.stack([lyr.b_O for lyr in w.layers])
+        acc = b_O[:n_bias_layers].sum(0).expand(*batch.clean_tokens.shape, -1).clone()
         for s in range(len(index.src)):
             if index.valid[s, j]:
                 acc = acc + (live[s] if circuit[s, j] else abl[:, :, s])
@@ -77,7 +86,7 @@ def literal_metric(w, index: EdgeIndex, circuit: torch.Tensor, batch, abl: torch
             live[src_i[Node("embed", 0)]] = x
         elif kind == "head_out":
             for h in range(w.n_heads):
-                live[src_i[Node("head_out", layer, h)]] = x[:, :, h] @ w.W_O[layer, h]
+                live[src_i[Node("head_out", layer, h)]] = x[:, :, h] @ w.W_O_heads(layer)[h]
         elif kind == "mlp_out":
             live[src_i[Node("mlp_out", layer)]] = x
         elif kind in ("head_q_in", "head_k_in", "head_v_in"):
@@ -109,8 +118,7 @@ def test_circuits_match_literal_reference(tiny, ioi):
     g = torch.Generator().manual_seed(0)
     circuits = torch.rand(4, *index.valid.shape, generator=g) < torch.tensor([0.0, 0.2, 0.7, 1.0])[:, None, None]
     ours = circuit_metric(w, index, circuits, ioi, max_rows=7)  # 4 circuits × 5 prompts in chunks
-    abl = source_writes(w, SiteMap.build(index, w.n_layers, w.n_heads), len(index.src), ioi.corrupt_tokens,
-                        ioi.answer_pos)
+    abl = in_index_order(w, index, ablated_writes(w, ioi.corrupt_tokens, ioi.answer_pos))
     for c in range(len(circuits)):
         ref = literal_metric(w, index, circuits[c], ioi, abl)
         torch.testing.assert_close(ours[c], ref, atol=1e-4, rtol=1e-4)
@@ -135,7 +143,7 @@ def test_single_direct_edge_from_embed(tiny, ioi):
         _, clean = run_with_acts(w, ioi.clean_tokens, ioi.answer_pos, kinds=("resid_pre",))
         final = corr[("logits", w.n_layers)] - corr[("resid_pre", 0)] + clean[("resid_pre", 0)]
         rows = torch.arange(len(ioi))
-        logits = _ln(final[rows, ioi.answer_pos], w.lnf_w, w.lnf_b, w.eps) @ w.W_U + w.b_U
+        logits = layer_norm(final[rows, ioi.answer_pos], w.lnf_w, w.lnf_b, w.eps) @ w.W_U + w.b_U
     torch.testing.assert_close(ours, logit_diff(logits, ioi), atol=1e-4, rtol=1e-4)
 
 
@@ -215,11 +223,12 @@ def test_bad_circuits_and_options(tiny, ioi):
     partial = EdgeIndex(index.src[1:], index.dst, index.valid[1:])
     with pytest.raises(CircuitError, match="not the full graph"):
         circuit_metric(w, partial, torch.ones(1, *partial.valid.shape, dtype=torch.bool), ioi)
-    for extra, match in (({"level": "neuron"}, "extra.level"), ({"ablation": "zero"}, "extra.ablation"),
-                         ({"k_percent": [5, 1]}, "strictly increasing"), ({"ranks": "x"}, "does not take"),
-                         ({"ranking": "nope"}, "unknown method"), ({"ranking": "activation"}, "produces nodes")):
+    for options, match in (({"level": "neuron"}, "level: \\['neuron'\\] not allowed; use 'edge' / 'node'"),
+                           ({"ablation": "zero"}, "ablation: \\['zero'\\] not allowed"),
+                           ({"k_percent": [5, 1]}, "strictly increasing"), ({"ranks": "x"}, "takes no option"),
+                           ({"ranking": "nope"}, "unknown method"), ({"ranking": "activation"}, "produces nodes")):
         with pytest.raises(MethodError, match=match):
-            run_method("faithfulness", tiny, ioi, MethodConfig(extra=extra))
+            method_config("faithfulness", **options)
 
 
 def test_edge_graph_order_matches_literal_reference(tiny, ioi):
@@ -230,14 +239,13 @@ def test_edge_graph_order_matches_literal_reference(tiny, ioi):
     index = EdgeGraph.of(w).index()
     circuits = torch.rand(2, *index.valid.shape, generator=torch.Generator().manual_seed(5)) < 0.4
     ours = circuit_metric(w, index, circuits, ioi)
-    abl = source_writes(w, SiteMap.build(index, w.n_layers, w.n_heads), len(index.src), ioi.corrupt_tokens,
-                        ioi.answer_pos)
+    abl = in_index_order(w, index, ablated_writes(w, ioi.corrupt_tokens, ioi.answer_pos))
     for c in range(2):
         torch.testing.assert_close(ours[c], literal_metric(w, index, circuits[c], ioi, abl), atol=1e-4, rtol=1e-4)
 
 
 def test_faithfulness_method_edges(tiny, ioi):
-    cfg = MethodConfig(directions=("denoise", "noise"), extra={"k_percent": [1, 10, 50, 100]})
+    cfg = method_config("faithfulness", directions=("denoise", "noise"), k_percent=[1, 10, 50, 100])
     result = run_method("faithfulness", tiny, ioi, cfg)
     assert not result.nodes and not result.edges
     table = result.tables["faithfulness"]
@@ -265,8 +273,7 @@ def test_faithfulness_method_nodes(tiny, ioi):
 
     w = weights(tiny)
     graph = EdgeGraph.of(w)
-    cfg = MethodConfig(extra={"level": "node", "ranking": "activation", "k_percent": [10, 50, 100],
-                              "ablation": "mean"})
+    cfg = method_config("faithfulness", level="node", ranking="activation", k_percent=[10, 50, 100], ablation="mean")
     df = run_method("faithfulness", tiny, ioi, cfg).tables["faithfulness"].to_pandas()
     n_nodes = w.n_layers * (w.n_heads + 1)
     assert (df["n_total"] == n_nodes).all() and df["n_kept"].tolist() == n_kept([10, 50, 100], n_nodes).tolist()

@@ -16,10 +16,10 @@ import sys
 import time
 
 import pyarrow.parquet as pq
-from conftest import SHAPES, save_random_gpt2
 from test_sweep_methods import ATP, EXACT
 from test_sweep_ray import _counts, _duplicates, _expected
 
+from attrpatch.testing import SHAPES, save_random_gpt2
 from sweeps.config import SweepConfig, TaskOptions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,8 +29,8 @@ TESTS = os.path.join(REPO, "tests")
 def test_ctrl_c_leaves_no_partial_file_and_the_relaunch_resumes(tmp_path):
     ckpt = save_random_gpt2(tmp_path / "m", seed=1, **SHAPES["tiny-a"])
     root = tmp_path / "r"
-    # cells long enough to interrupt mid-way (Hydra's dict syntax: {name: {extra: {sleep_s: 1.0}}, …})
-    slow = ", ".join(f"{m}: {{extra: {{sleep_s: 1.0}}}}" for m in (ATP, EXACT))
+    # cells long enough to interrupt mid-way (Hydra's dict syntax: {name: {sleep_s: 1.0}, …})
+    slow = ", ".join(f"{m}: {{sleep_s: 1.0}}" for m in (ATP, EXACT))
     args = [sys.executable, "-m", "sweeps.run", f"model.path={ckpt}", f"methods=[{ATP},{EXACT}]",
             "plugins=[test_sweep_methods]", "task.n_prompts=24", "task.shard_size=4", "task.seed=3",
             f"method.overrides={{{slow}}}", "wandb=disabled",

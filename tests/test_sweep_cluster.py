@@ -22,10 +22,10 @@ import tempfile
 import time
 
 import pytest
-from conftest import SHAPES, save_random_gpt2
 from test_sweep_methods import ATP, EXACT
 from test_sweep_ray import _counts, _duplicates, _expected
 
+from attrpatch.testing import SHAPES, save_random_gpt2
 from sweeps.config import SweepConfig, TaskOptions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,7 +106,7 @@ def test_sweep_joins_a_two_node_cluster_and_runs_on_both_nodes(two_node_cluster,
     ckpt = save_random_gpt2(tmp_path / "m", seed=1, **SHAPES["tiny-a"])
     root = tmp_path / "r"
     # cells long enough that the second worker is up before the first has drained the queue
-    slow = ", ".join(f"{m}: {{extra: {{sleep_s: 0.5}}}}" for m in (ATP, EXACT))
+    slow = ", ".join(f"{m}: {{sleep_s: 0.5}}" for m in (ATP, EXACT))
     address = two_node_cluster["address"]
     args = [sys.executable, "-m", "sweeps.run", f"model.path={ckpt}", f"methods=[{ATP},{EXACT}]",
             "plugins=[test_sweep_methods]", "task.n_prompts=16", "task.shard_size=2", "task.seed=3",

@@ -5,12 +5,9 @@
 
 from __future__ import annotations
 
-import os
-
-import pyarrow as pa
 import pytest
-from conftest import SHAPES, save_random_gpt2
 
+from attrpatch.testing import SHAPES, save_random_gpt2
 from sweeps.config import (
     ClusterOptions,
     MethodOptions,
@@ -25,7 +22,6 @@ from sweeps.config import (
 from sweeps.driver import SweepError, worker_plan
 from sweeps.grid import Cell, expand, model_entries, partition_name
 from sweeps.run import check, one_line
-from sweeps.writer import ResultsRoot
 
 # ---------------------------------------------------------------- one pytest.raises per rule
 
@@ -67,9 +63,14 @@ def ckpt(tmp_path_factory):
     (dict(task=TaskOptions(corruption="swap")), "not a corruption of task 'ioi'"),
     (dict(method=MethodOptions(overrides={"dlaa": {"ig_steps": 3}})), "unknown method 'dlaa'"),
     (dict(methods=("activation",), method=MethodOptions(overrides={"activation": {"ig_step": 3}})),
-     "unknown fields"),
-    (dict(methods=("activation",), method=MethodOptions(overrides={"activation": {"ig_steps": 0}})),
-     "ig_steps"),
+     r"takes no option \['ig_step'\]"),
+    (dict(methods=("eap_ig",), method=MethodOptions(overrides={"eap_ig": {"ig_steps": 0}})),
+     "ig_steps must be at least 1"),
+    (dict(methods=("activation",), method=MethodOptions(overrides={"activation": {"granularities": ["resid"]}})),
+     "unknown activation-patching granularities"),
+    (dict(methods=("faithfulness",), method=MethodOptions(overrides={"faithfulness": {"level": "neuron"}})),
+     "level"),
+    (dict(method=MethodOptions(kinds=("nonsense",))), r"method.kinds: \['nonsense'\] is scored by none"),
     (dict(method=MethodOptions(directions=("sideways",))), "directions"),
     (dict(plugins=("no_such_module_xyz",)), "cannot import"),
 ])
@@ -81,11 +82,14 @@ def test_registry_checks(kwargs, match, ckpt):
 
 
 def test_per_method_overrides_reach_method_config():
-    opts = MethodOptions(directions=["denoise", "noise"], ig_steps=5, overrides={"eap_ig": {"ig_steps": 12}})
+    opts = MethodOptions(directions=["denoise", "noise"], kinds=["head_out", "resid_pre"],
+                         overrides={"eap_ig": {"ig_steps": 12}, "dla": {"per_prompt": False}})
     assert opts.directions == ("denoise", "noise")  # lists from OmegaConf become tuples
-    assert opts.for_method("eap_ig").ig_steps == 12
-    assert opts.for_method("attribution").ig_steps == 5
+    assert opts.for_method("eap_ig").options.ig_steps == 12
+    assert opts.for_method("eap_ig").kinds is None  # edge methods read no kinds
     assert opts.for_method("attribution").directions == ("denoise", "noise")
+    assert opts.for_method("attribution").kinds == ("head_out", "resid_pre")
+    assert opts.for_method("dla").kinds == ("head_out",) and not opts.for_method("dla").per_prompt
 
 
 # ---------------------------------------------------------------- Hydra composition (no process)
@@ -167,31 +171,3 @@ def test_worker_plan_uses_fractional_gpus_only_when_the_cluster_has_gpus(tmp_pat
 def test_worker_plan_refuses_what_the_cluster_cannot_hold(tmp_path):
     with pytest.raises(SweepError, match="needs 20.0 GB memory per worker"):
         worker_plan(_entry(tmp_path, "gpt2-xl"), SweepConfig(), {"CPU": 8, "GPU": 1, "memory": 8 * 2**30}, 10)
-
-
-# ---------------------------------------------------------------- atomic writes
-
-
-def test_part_files_are_atomic_and_temp_files_cleanable(tmp_path):
-    root = ResultsRoot(str(tmp_path / "r"))
-    table = pa.table({"x": [1, 2, 3]})
-    root.write_table("nodes/model=m/part-00000.parquet", table)
-    assert root.read_table("nodes/model=m/part-00000.parquet").equals(table)
-
-    class Boom(Exception):
-        pass
-
-    def failing(tmp):  # a writer killed half-way: its temporary file exists, the part does not
-        with root.fs.open_output_stream(tmp) as f:
-            f.write(b"PAR1 half a file")
-        raise Boom
-
-    with pytest.raises(Boom):
-        root._atomic("nodes/model=m/part-00001.parquet", failing)
-    assert not root.exists("nodes/model=m/part-00001.parquet")
-    assert root.temp_files() == []  # the writer removes its own temporary file on failure
-    stale = tmp_path / "r/nodes/model=m/.part-00002.parquet.dead.tmp"
-    stale.write_bytes(b"left by a SIGKILL")
-    assert root.temp_files() == ["nodes/model=m/.part-00002.parquet.dead.tmp"]
-    assert root.clean_temp() == 1 and not stale.exists()
-    assert sorted(os.listdir(tmp_path / "r/nodes/model=m")) == ["part-00000.parquet"]

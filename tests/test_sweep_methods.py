@@ -5,22 +5,28 @@
 ``sweep_test_resid_exact``: exact patching of ``resid_pre`` at every (layer, pos): restart the engine at
 layer L from the corrupted residual stream with one position replaced by the clean one (denoise).
 ``sweep_test_resid_atp``: its attribution estimate, grad(metric on the corrupted run) · (clean − corrupt).
-``method.extra.sleep_s`` makes a cell take longer (the fault tests need time to kill a worker mid-sweep).
+``sleep_s`` (their own option) makes a cell take longer (the fault tests need time to kill a worker mid-sweep).
 Both are checked here against a slow literal loop, so the sweep tests run on trustworthy numbers.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 from attrpatch import make_batch
-from attrpatch.engine import forward, run_with_acts, weights
-from attrpatch.methods import METHODS, MethodConfig, register
+from attrpatch.engine import Start, forward, run_with_acts, weights
+from attrpatch.methods import METHODS, MethodConfig, Options, register
 from attrpatch.scores import MethodResult, NodeScores
 
 EXACT, ATP = "sweep_test_resid_exact", "sweep_test_resid_atp"
+
+
+@dataclass(frozen=True)
+class SleepOptions(Options):
+    sleep_s: float = 0.0  # seconds a cell waits after computing (fault tests kill workers mid-sweep)
 
 
 def _ld(logits, batch, reps=1):
@@ -48,10 +54,10 @@ def resid_exact(model, batch, cfg):
             for layer in range(w.n_layers):
                 a, s = acts[("resid_pre", layer)], src[("resid_pre", layer)]
                 patched = torch.where(eye, s[None], a[None]).reshape(p * b, p, -1)
-                logits = forward(w, None, batch.answer_pos.repeat(p), start=layer, resid=patched)
+                logits = forward(w, None, batch.answer_pos.repeat(p), start=Start(layer, patched))
                 scores[:, layer] = (_ld(logits, batch, p) - _ld(base, batch).repeat(p)).reshape(p, b).T
         out.append(NodeScores("resid_pre", direction, scores, ("prompt", "layer", "pos")))
-    time.sleep(float(cfg.extra.get("sleep_s", 0)))
+    time.sleep(cfg.options.sleep_s if cfg.options is not None else 0.0)
     return MethodResult(nodes=out)
 
 
@@ -70,13 +76,13 @@ def resid_atp(model, batch, cfg):
         grads = torch.autograd.grad(_ld(logits, batch).sum(), [acts[k] for k in keys])
         scores = torch.stack([(g * (src[k] - acts[k].detach())).sum(-1) for g, k in zip(grads, keys, strict=True)], 1)
         out.append(NodeScores("resid_pre", direction, scores.detach(), ("prompt", "layer", "pos")))
-    time.sleep(float(cfg.extra.get("sleep_s", 0)))
+    time.sleep(cfg.options.sleep_s if cfg.options is not None else 0.0)
     return MethodResult(nodes=out)
 
 
 if EXACT not in METHODS:  # pytest may import this module under a second name; register once per process
-    register(EXACT, produces="nodes", exact=True)(resid_exact)
-    register(ATP, produces="nodes", exact=False)(resid_atp)
+    register(EXACT, produces="nodes", exact=True, options=SleepOptions, kinds=("resid_pre",))(resid_exact)
+    register(ATP, produces="nodes", exact=False, options=SleepOptions, kinds=("resid_pre",))(resid_atp)
 
 
 def test_resid_exact_matches_literal_loop(tiny, tokenizer):

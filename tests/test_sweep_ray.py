@@ -9,6 +9,7 @@ GPUs exactly as on a GPU cluster, and each one must notice that CUDA is absent a
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import threading
@@ -17,13 +18,15 @@ import time
 import duckdb
 import numpy as np
 import pytest
-from conftest import SHAPES, save_random_gpt2
 from test_sweep_methods import ATP, EXACT
 
+from analysis.wandb_log import read_offline_run
 from attrpatch import load_model, make_batch
 from attrpatch.methods import run_method
 from attrpatch.metrics import final_logit_diff
-from attrpatch.scores import EDGE_SCHEMA, NODE_SCHEMA, concat, edge_table, node_table
+from attrpatch.results import EDGE_SCHEMA, NODE_SCHEMA
+from attrpatch.scores import concat, edge_table, node_table
+from attrpatch.testing import SHAPES, save_random_gpt2
 from sweeps.config import (
     ClusterOptions,
     MethodOptions,
@@ -34,22 +37,9 @@ from sweeps.config import (
 )
 from sweeps.driver import run_sweep
 from sweeps.grid import model_entries
-from sweeps.wandb_log import read_offline_run
 from sweeps.worker import shard_of
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
 PLUGIN = "test_sweep_methods"  # registers the two test methods in the workers too
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    import ray
-
-    # workers import the test plugin module by name, so they need this directory on their path
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="WARNING")
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +50,7 @@ def ckpts(tmp_path_factory):
 
 def _cfg(root, models, methods, n_prompts=8, shard_size=4, sleep_s=0.0, wandb="disabled", overrides=None,
          **method_kw) -> SweepConfig:
-    slow = {m: {"extra": {"sleep_s": sleep_s}} for m in (ATP, EXACT) if m in methods and sleep_s}
+    slow = {m: {"sleep_s": sleep_s} for m in (ATP, EXACT) if m in methods and sleep_s}
     return SweepConfig(
         name="t", models=tuple(models), tasks=("ioi",), methods=tuple(methods), plugins=(PLUGIN,),
         task=TaskOptions(n_prompts=n_prompts, shard_size=shard_size, seed=3),
@@ -184,27 +174,37 @@ def test_two_models_all_families_end_to_end(ray_session, ckpts, tmp_path):
     assert row["pearson"] > 0.5  # AtP tracks exact patching of the residual stream
 
     # plots under ROOT/plots, and one offline W&B run per (model, task) holding the same numbers
-    # node pairs: {ATP, attribution} × {EXACT, activation}; edge pair: edge_attribution × edge_activation
-    assert len(report.plots) == 2 * 5 and all(open(p, "rb").read(4) == b"\x89PNG" for p in report.plots)
+    # node pairs: {ATP, attribution} × {EXACT, activation}; edge pair: edge_attribution × edge_activation;
+    # one figure per pair and model, and correlation against size (two models)
+    assert len(report.plots) == 2 * 5 + 1 and all(open(p, "rb").read(4) == b"\x89PNG" for p in report.plots)
     assert len(report.wandb_dirs) == 2 and all(d.startswith(str(root / "wandb")) for d in report.wandb_dirs)
     run = read_offline_run(report.wandb_dirs[0])
     assert run["name"] == f"{names[0]}/ioi" and run["group"] == "t"
     assert run["summary"][f"{ATP}_vs_{EXACT}/resid_pre/pearson"] == pytest.approx(row["pearson"])
     assert run["summary"][f"{ATP}_vs_{EXACT}/resid_pre/n"] == row["n"]
     assert run["summary"]["correlations"]["_type"] == "table-file"
+    assert run["summary"]["points"]["_type"] == "table-file"  # the sampled pairs, filterable by kind and layer
+    assert f"points/{ATP}_vs_{EXACT}/resid_pre_table" in run["history_keys"]  # a native scatter per kind
+    assert "points/edge_attribution_vs_edge_activation/head_out->logits_table" in run["history_keys"]
     media = glob.glob(f"{report.wandb_dirs[0]}/files/media/images/scatter/*.png")
     assert len(media) == 5
-    table = glob.glob(f"{report.wandb_dirs[0]}/files/media/table/correlations*.table.json")
-    assert len(table) == 1
+    points = glob.glob(f"{report.wandb_dirs[0]}/files/media/table/points_*.table.json")
+    assert len(points) == 1
+    logged = json.load(open(points[0]))
+    assert logged["columns"] == ["comparison", "kind", "layer", "approximation", "exact"]
+    assert {r[1] for r in logged["data"]} >= {"resid_pre", "head_out", "head_out->logits"}
 
-    # manifest: resolved config, versions, git sha, times
-    import json
-
+    # manifest: resolved config, versions, git sha, times, model sizes, fingerprints
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["end"] >= manifest["start"]
     assert manifest["config"]["methods"] == list(methods) and manifest["versions"]["ray"] == ray_session.__version__
     assert manifest["git_sha"] and len(manifest["git_sha"]) == 40
     assert set(manifest["models"]) == set(names)
+    assert {m["d_model"] for m in manifest["models"].values()} == {64, 48}
+    assert all(m["n_params"] > 2e6 for m in manifest["models"].values())
+    rec = json.loads((root / f"_done/model={names[0]}/task=ioi/method={ATP}/part-00000.json").read_text())
+    assert rec["fingerprint"] == manifest["fingerprints"][f"{names[0]}/ioi/{ATP}"]
+    assert rec["parts"]["nodes"]["rows"] == rec["rows"]["nodes"] and len(rec["parts"]["nodes"]["sha256"]) == 64
 
 
 def test_relaunch_skips_finished_cells_and_computes_only_the_rest(ray_session, ckpts, tmp_path):

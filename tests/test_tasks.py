@@ -4,8 +4,6 @@ import pytest
 import torch
 
 from attrpatch import make_batch
-from attrpatch.engine import forward, weights
-from attrpatch.metrics import logit_diff, normalise
 from attrpatch.tasks import Prompt, TaskConfig, TaskError, generate, tokenize_prompts
 from attrpatch.tasks import ioi as ioi_mod
 from attrpatch.tasks import pronoun as pronoun_mod
@@ -66,33 +64,6 @@ def test_seed8_is_the_demo():
     assert prompts[0].clean == "When John and Mary went to the shops, John gave the bag to"
     assert prompts[0].corrupt == prompts[1].clean and prompts[1].corrupt == prompts[0].clean
     assert [p.answer for p in prompts[:2]] == [" Mary", " John"]
-
-
-def test_padding_never_reaches_the_metric(tiny, tokenizer):
-    """Each prompt's metric is the same alone as in a right-padded batch of mixed lengths."""
-    batch = make_batch("ioi", tokenizer, n_prompts=8, seed=2)
-    assert len(set(batch.lengths.tolist())) > 1
-    w = weights(tiny)
-    with torch.no_grad():
-        together = forward(w, batch.clean_tokens, batch.answer_pos)
-        for n in range(len(batch)):
-            one = batch.select([n])
-            alone = forward(w, one.clean_tokens, one.answer_pos)
-            torch.testing.assert_close(together[n], alone[0], atol=1e-4, rtol=1e-4)
-
-
-def test_logit_diff_and_normalise(tiny, tokenizer):
-    batch = make_batch("ioi_seed8", tokenizer, n_prompts=8)
-    with torch.no_grad():
-        logits = tiny.bridge(batch.clean_tokens)
-    ld = logit_diff(logits, batch)
-    n = 3
-    pos = int(batch.answer_pos[n])
-    expected = logits[n, pos, batch.answer_ids[n]] - logits[n, pos, batch.wrong_ids[n]]
-    torch.testing.assert_close(ld[n], expected)
-    corrupt = logit_diff(tiny.bridge(batch.corrupt_tokens), batch).detach()
-    torch.testing.assert_close(normalise(ld, ld, corrupt), torch.ones_like(ld))
-    torch.testing.assert_close(normalise(corrupt, ld, corrupt), torch.zeros_like(ld))
 
 
 def test_select_and_shards(tokenizer):

@@ -15,7 +15,7 @@ corrupted ones. Activation patching: Vig et al. 2020, Meng et al. 2022 (causal t
 
 Algorithm (per direction):
 
-1. Cache the unpatched run and the patch source with ``engine.run_with_acts``: every patched site, plus the
+1. Cache the unpatched run and the patch source with ``engine.Recorder``: every patched site, plus the
    residual stream entering each block and each block's keys and values of the run.
 2. List every (patch, prompt) row that can change the metric. A row is dropped, with score exactly 0, when
    its position lies after the prompt's answer position (causality: padding and later tokens never reach
@@ -26,10 +26,11 @@ Algorithm (per direction):
 3. Sort the rows by (layer L, p0, narrow) and cut each group into chunks of at most ``cfg.max_rows`` rows:
    many patches × prompts stacked along the batch axis. *Narrow* rows change block L's output at ``p0``
    only (a query, pattern row or cell, head output, attention/MLP output, mid residual at one position).
-4. Run each chunk with ``patching_engine.suffix_metric``: restart at block L from the cached residual
-   stream, compute only positions ``p0 …`` (earlier keys/values from the cache; block L on ``p0`` alone for
-   narrow rows), apply every row's patch at its site in block L with one vectorised index assignment per
-   granularity present, compute the last block and the logit difference at the answer position only.
+4. Run each chunk with ``patched_metric`` on the engine: restart at block L from the cached residual
+   stream (``engine.Start``), compute only positions ``p0 …`` (earlier keys/values from the cache; block L
+   on ``p0`` alone for narrow rows), apply every row's patch at its site in block L with one vectorised
+   index assignment per granularity present, compute the last block at the answer position only and read
+   the logit difference directly (``answer_only``, ``diff``).
 5. Subtract the unpatched metric and scatter the rows into one dense tensor per granularity (no ``.item()``).
 
 Granularities (names of TransformerLens' ``get_act_patch_<name>``; output component and axes):
@@ -48,10 +49,10 @@ Granularities (names of TransformerLens' ``get_act_patch_<name>``; output compon
 ``attn_head_by_pos_every``
 ============================================  =============  ===========================================
 
-Choosing what to compute: ``cfg.extra["granularities"]`` (a list of the names above) when given; otherwise
-every granularity of the kinds in ``cfg.kinds`` (None = all nine patchable kinds) at the positional scope of
-``cfg.per_position``: True = by position (plus the dest × src cells for ``head_pattern``), False = all
-positions at once (``pos`` null, as DESIGN.md defines). ``cfg.per_prompt=False`` averages over the prompts.
+Choosing what to compute: ``ActivationOptions.granularities`` (a list of the names above) when given;
+otherwise every granularity of the kinds in ``cfg.kinds`` (None = all nine patchable kinds) at the positional
+scope of ``cfg.per_position``: True = by position (plus the dest × src cells for ``head_pattern``), False =
+all positions at once (``pos`` null, as the results contract defines). ``cfg.per_prompt=False`` averages over the prompts.
 ``cfg.max_rows`` bounds the rows (patched runs) per forward.
 """
 
@@ -65,11 +66,22 @@ from jaxtyping import Int
 from torch import Tensor
 
 from attrpatch.components import HEAD_VECTOR_KINDS, LAYER_KINDS
-from attrpatch.engine import Weights, run_with_acts, weights
-from attrpatch.methods import MethodConfig, MethodError, register
-from attrpatch.metrics import final_logit_diff
+from attrpatch.engine import KV, Edit, Recorder, Start, Weights, block, cache_kv, forward, weights
+from attrpatch.methods import MethodConfig, MethodError, Options, register, register_cost
+from attrpatch.methods.core import (
+    Cost,
+    Work,
+    acc_dtype,
+    as_scores,
+    forward_flops,
+    node_rows,
+    report,
+    rows_per_pass,
+    run_and_patch,
+    token_layer_flops,
+    wide,
+)
 from attrpatch.models import LoadedModel
-from attrpatch.patching_engine import RunCache, suffix_metric
 from attrpatch.scores import MethodResult, NodeScores
 from attrpatch.tasks import PromptBatch
 
@@ -77,7 +89,6 @@ log = logging.getLogger(__name__)
 
 POS_KINDS = ("resid_pre", "resid_mid", *LAYER_KINDS)  # [batch pos d_model] sites
 PATCH_KINDS = (*POS_KINDS, *HEAD_VECTOR_KINDS, "head_pattern")
-SCOPES = ("by_pos", "all_pos", "dest_src")
 
 
 @dataclass(frozen=True)
@@ -110,40 +121,41 @@ COMPOSITES: dict[str, tuple[str, ...]] = {
     "attn_head_all_pos_every": tuple(f"attn_head_{t}_all_pos" for t in _TL_HEAD.values()),
     "attn_head_by_pos_every": tuple(f"attn_head_{t}_by_pos" for t in _TL_HEAD.values()),
 }
-EXTRA_KEYS = ("granularities",)
+
+
+@dataclass(frozen=True)
+class ActivationOptions(Options):
+    granularities: tuple[str, ...] | None = None  # TransformerLens grid names (module docstring); None: by kinds
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.granularities is None:
+            return
+        if not self.granularities:
+            raise MethodError("granularities is empty: name at least one granularity (or null for the kinds' own)")
+        unknown = [n for n in self.granularities if n not in GRANULARITIES and n not in COMPOSITES]
+        if unknown:
+            raise MethodError(f"unknown activation-patching granularities {unknown}: use names of TransformerLens "
+                              f"get_act_patch_<name>: {sorted([*GRANULARITIES, *COMPOSITES])}")
+
+    def check(self, cfg: MethodConfig) -> None:
+        select_granularities(cfg)
 
 
 def select_granularities(cfg: MethodConfig) -> tuple[Granularity, ...]:
     """The granularities ``cfg`` asks for (see the module docstring), in a fixed order, checked."""
-    unknown = sorted(set(cfg.extra) - set(EXTRA_KEYS))
-    if unknown:
-        raise MethodError(f"activation patching takes no option {unknown} in cfg.extra; known: {list(EXTRA_KEYS)}")
     kinds = PATCH_KINDS if cfg.kinds is None else tuple(cfg.kinds)
-    bad = [k for k in kinds if k not in PATCH_KINDS]
-    if bad or not kinds:
-        raise MethodError(f"activation patching cannot patch kinds {bad or list(kinds)}: use a non-empty subset "
-                          f"of {list(PATCH_KINDS)} in cfg.kinds (None = all)")
-    if "granularities" in cfg.extra:
-        names: list[str] = []
-        for name in cfg.extra["granularities"]:
-            if name not in GRANULARITIES and name not in COMPOSITES:
-                raise MethodError(f"unknown activation-patching granularity {name!r}: use names of "
-                                  f"TransformerLens get_act_patch_<name>: {sorted([*GRANULARITIES, *COMPOSITES])}")
-            names.extend(COMPOSITES.get(name, (name,)))
-        chosen = [GRANULARITIES[n] for n in dict.fromkeys(names)]
+    names = cfg.options.granularities if cfg.options is not None else None
+    if names is not None:
+        expanded = [g for name in names for g in COMPOSITES.get(name, (name,))]
+        chosen = [GRANULARITIES[n] for n in dict.fromkeys(expanded)]
         outside = [g.name for g in chosen if g.kind not in kinds]
         if outside:
-            raise MethodError(f"granularities {outside} patch kinds outside cfg.kinds={list(kinds)}: widen "
-                              "cfg.kinds (or leave it None) or drop them from cfg.extra['granularities']")
-        if not chosen:
-            raise MethodError("cfg.extra['granularities'] is empty: name at least one granularity")
+            raise MethodError(f"granularities {outside} patch kinds outside kinds={list(kinds)}: widen "
+                              "kinds (or leave it null) or drop them from granularities")
         return tuple(chosen)
     scopes = ("by_pos", "dest_src") if cfg.per_position else ("all_pos",)
     return tuple(g for g in GRANULARITIES.values() if g.kind in kinds and g.scope in scopes)
-
-
-def _site_stack(acts: dict[tuple[str, int], Tensor], kind: str, n_layers: int) -> Tensor:
-    return torch.stack([acts[(kind, layer)] for layer in range(n_layers)])
 
 
 def _needed(g: Granularity, run: Tensor, src: Tensor, valid_pos: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -179,7 +191,7 @@ class _Rows:
     pos: Int[Tensor, " row"]
     src: Int[Tensor, " row"]
     p0: Int[Tensor, " row"]  # first position the patch changes: pos, or (all positions) the first that differs
-    narrow: Tensor  # bool: the patch changes its block's output at p0 only (see suffix_metric)
+    narrow: Tensor  # bool: the patch changes its block's output at p0 only (see patched_metric)
 
     def take(self, idx: Tensor) -> _Rows:
         return _Rows(*(getattr(self, f)[idx] for f in _FIELDS))
@@ -230,7 +242,7 @@ def _chunks(rows: _Rows, n_pos: int, max_rows: int) -> list[tuple[int, int, bool
     return out
 
 
-def _patcher(grans: tuple[Granularity, ...], chunk: _Rows, layer: int, p0: int, src: dict[str, Tensor]):
+def _patcher(grans: tuple[Granularity, ...], chunk: _Rows, layer: int, p0: int, src: dict[str, Tensor]) -> Edit:
     """Step 4: the edit of block ``layer`` that writes every row's source value at its own site (tensors in
     suffix coordinates: position ``p0`` is index 0)."""
     present = torch.unique(chunk.g).tolist()
@@ -238,7 +250,9 @@ def _patcher(grans: tuple[Granularity, ...], chunk: _Rows, layer: int, p0: int, 
     for i in present:
         by_site.setdefault(grans[i].kind, []).append((grans[i], (chunk.g == i).nonzero()[:, 0]))
 
-    def edit(site: str, x: Tensor) -> Tensor:
+    def edit(site: str, at: int, x: Tensor) -> Tensor:
+        if at != layer:
+            return x
         for g, idx in by_site.get(site, ()):
             s_l = src[site][layer]  # the source at this block, prompt-indexed
             n, h = chunk.n[idx], chunk.head[idx]
@@ -263,23 +277,48 @@ def _patcher(grans: tuple[Granularity, ...], chunk: _Rows, layer: int, p0: int, 
     return edit
 
 
+def bytes_per_row(w: Weights, n_pos: int) -> int:
+    """Memory of one patched run in a no-grad pass (one block's tensors live at a time): per position, the
+    residual stream, LayerNorm, q/k/v, z, attention and MLP outputs (~8 d_model) and the MLP's hidden layer
+    (2 d_mlp), plus the attention scores and pattern (2 · n_heads · n_pos)."""
+    return w.W_E.element_size() * n_pos * (8 * w.d_model + 2 * w.d_mlp + 2 * w.n_heads * n_pos)
+
+
+def patched_metric(w: Weights, resid_pre: Tensor, kv: KV, layer: int, p0: int, prompt: Int[Tensor, " row"],
+                   answer_pos: Int[Tensor, " row"], ids: tuple[Tensor, Tensor], n_suffix: int, edit: Edit,
+                   narrow: bool) -> Tensor:
+    """Step 4: the logit difference of each row's run patched by ``edit`` in block ``layer``, computing
+    positions ``p0 … p0 + n_suffix − 1`` only. ``narrow``: the patches change block ``layer``'s output at ``p0``
+    only, so that block runs on position ``p0`` alone and the next one starts from the cached residual stream
+    with ``p0`` replaced."""
+    if narrow and layer < w.n_layers - 1:
+        at_p0 = block(w, layer, resid_pre[layer][prompt, p0:p0 + 1], edit,
+                      past=kv.before(layer, p0, prompt))
+        resid = resid_pre[layer + 1][prompt, p0:p0 + n_suffix]  # advanced indexing: a copy
+        resid[:, :1] = at_p0
+        start = Start(layer + 1, resid, p0, kv, prompt)
+    else:
+        start = Start(layer, resid_pre[layer][prompt, p0:p0 + n_suffix], p0, kv, prompt)
+    return forward(w, None, answer_pos, edit, start=start, answer_only=True, diff=ids)
+
+
 def patch_scores(w: Weights, run_tokens: Int[Tensor, "prompt pos"], src_tokens: Int[Tensor, "prompt pos"],
                  batch: PromptBatch, grans: tuple[Granularity, ...], max_rows: int) -> list[Tensor]:
-    """Steps 1–5 for one direction: per granularity, the dense ``[prompt layer …]`` score tensor."""
+    """Steps 1–5 for one direction: per granularity, the dense ``[prompt layer …]`` score tensor (``acc_dtype``)."""
     N, P = run_tokens.shape
     device = w.device
     answer_pos = batch.answer_pos.to(device)
+    ans_ids, wrong_ids = batch.answer_ids.to(device), batch.wrong_ids.to(device)
     kinds = tuple(dict.fromkeys([g.kind for g in grans]))
     # Step 1: caches of the run (incl. residual stream and keys/values) and of the source.
-    run_logits, run_acts = run_with_acts(w, run_tokens, answer_pos, kinds=(*kinds, "resid_pre", "head_k", "head_v"))
-    _, src_acts = run_with_acts(w, src_tokens, answer_pos, kinds=kinds)
-    cache = RunCache(*(_site_stack(run_acts, k, w.n_layers) for k in ("resid_pre", "head_k", "head_v")))
-    run_stack = {k: _site_stack(run_acts, k, w.n_layers) for k in kinds}
-    src_stack = {k: _site_stack(src_acts, k, w.n_layers) for k in kinds}
-    ans_ids, wrong_ids = batch.answer_ids.to(device), batch.wrong_ids.to(device)
-    base = final_logit_diff(run_logits, batch)
-    u_dir = (w.W_U[:, ans_ids] - w.W_U[:, wrong_ids]).T  # [N D]
-    u_bias = w.b_U[ans_ids] - w.b_U[wrong_ids]
+    run_acts = Recorder((*kinds, "resid_pre", "head_k", "head_v"))
+    base = forward(w, run_tokens, answer_pos, run_acts, diff=(ans_ids, wrong_ids))
+    src_acts = Recorder(kinds)
+    forward(w, src_tokens, answer_pos, src_acts, diff=(ans_ids, wrong_ids))
+    kv = cache_kv(run_acts.acts, w.n_layers)
+    resid_pre = run_acts.stack("resid_pre")
+    run_stack = {k: run_acts.stack(k) for k in kinds}
+    src_stack = {k: src_acts.stack(k) for k in kinds}
     # Step 2: the rows that can change the metric.
     valid_pos = torch.arange(P, device=device)[None, :] <= answer_pos[:, None]
     needed, first_diff = zip(*(_needed(g, run_stack[g.kind], src_stack[g.kind], valid_pos) for g in grans),
@@ -288,17 +327,22 @@ def patch_scores(w: Weights, run_tokens: Int[Tensor, "prompt pos"], src_tokens: 
     log.info("activation patching: %d of %d (patch, prompt) rows can change the metric", rows.n.numel(),
              sum(x.numel() for x in needed))
     # Steps 3–4: chunked suffix forwards.
-    row_scores = torch.zeros(rows.n.numel(), device=device)
-    for layer, p0, narrow, idx in _chunks(rows, P, max_rows):
+    row_scores = torch.zeros(rows.n.numel(), dtype=acc_dtype(w.dtype), device=device)
+    per_pass = rows_per_pass(bytes_per_row(w, P), max_rows, device)
+    done = 0
+    for layer, p0, narrow, idx in _chunks(rows, P, per_pass):
         chunk = rows.take(idx)
         n_suffix = int(answer_pos[chunk.n].max()) + 1 - p0
-        metric = suffix_metric(w, cache, layer, p0, chunk.n, answer_pos[chunk.n], u_dir[chunk.n],
-                               u_bias[chunk.n], n_suffix, _patcher(grans, chunk, layer, p0, src_stack), narrow)
-        row_scores[idx] = metric - base[chunk.n]
+        metric = patched_metric(w, resid_pre, kv, layer, p0, chunk.n, answer_pos[chunk.n],
+                                (ans_ids[chunk.n], wrong_ids[chunk.n]), n_suffix,
+                                _patcher(grans, chunk, layer, p0, src_stack), narrow)
+        row_scores[idx] = wide(metric - base[chunk.n])
+        done += len(idx)
+        report(done, len(row_scores))
     # Step 5: scatter into dense tensors (rows not run keep their exact score 0).
     out = []
     for i, (g, need) in enumerate(zip(grans, needed, strict=True)):
-        dense = torch.zeros(need.shape, device=device)
+        dense = torch.zeros(need.shape, dtype=row_scores.dtype, device=device)
         mine = rows.g == i
         coords = {"prompt": rows.n, "layer": rows.layer, "head": rows.head, "pos": rows.pos, "src_pos": rows.src}
         dense[tuple(coords[a][mine] for a in g.axes)] = row_scores[mine]
@@ -306,7 +350,7 @@ def patch_scores(w: Weights, run_tokens: Int[Tensor, "prompt pos"], src_tokens: 
     return out
 
 
-@register("activation", produces="nodes", exact=True)
+@register("activation", produces="nodes", exact=True, options=ActivationOptions, kinds=PATCH_KINDS)
 def activation_patching(model: LoadedModel, batch: PromptBatch, cfg: MethodConfig) -> MethodResult:
     """Exact activation patching at every TransformerLens granularity, per prompt, both directions."""
     grans = select_granularities(cfg)
@@ -314,12 +358,12 @@ def activation_patching(model: LoadedModel, batch: PromptBatch, cfg: MethodConfi
     nodes: list[NodeScores] = []
     with torch.no_grad():
         for direction in cfg.directions:
-            run, src = ((batch.corrupt_tokens, batch.clean_tokens) if direction == "denoise"
-                        else (batch.clean_tokens, batch.corrupt_tokens))
+            run, src = run_and_patch(batch, direction)
             dense = patch_scores(w, run.to(w.device), src.to(w.device), batch, grans, cfg.max_rows)
             for g, scores in zip(grans, dense, strict=True):
                 axes = g.axes if cfg.per_prompt else g.axes[1:]
-                nodes.append(NodeScores(g.kind, direction, scores if cfg.per_prompt else scores.mean(0), axes))
+                nodes.append(NodeScores(g.kind, direction, as_scores(scores if cfg.per_prompt else scores.mean(0)),
+                                        axes))
     return MethodResult(nodes=nodes)
 
 
@@ -329,3 +373,43 @@ def granularity_of(node: NodeScores) -> str:
         if g.kind == node.component and g.axes[1:] == tuple(a for a in node.axes if a != "prompt"):
             return g.name
     raise MethodError(f"no activation-patching granularity has kind {node.component!r} and axes {node.axes}")
+
+
+def _grid_cells(shape, g: Granularity) -> int:
+    return shape.n_layers * (1 if g.kind in POS_KINDS else shape.n_heads)
+
+
+@register_cost("activation")
+def activation_cost(w: Work, cfg: MethodConfig) -> Cost:
+    """Rows: every cell of every grid (cells that cannot change the metric are written as exact zeros).
+    Patched runs: the rows step 2 keeps — patches at or after each prompt's first differing position."""
+    S = w.shape
+    grans = select_granularities(cfg)
+    rows = forward_rows = flops = 0.0
+    tok = token_layer_flops(S, w.P)
+    for g in grans:
+        cells = _grid_cells(S, g)
+        if g.scope == "all_pos":
+            rows += cells * (w.n if cfg.per_prompt else 1)
+            runs = [(f, L - f) for L, f in zip(w.lengths, w.first_diff, strict=True)]  # (p0, suffix length)
+        elif g.scope == "by_pos":
+            rows += node_rows(w, cfg.per_prompt, True, cells)
+            runs = [(p, L - p) for L, f in zip(w.lengths, w.first_diff, strict=True) for p in range(f, L)]
+        else:
+            rows += node_rows(w, cfg.per_prompt, True, cells, pattern=True)
+            runs = [(p, L - p) for L, f in zip(w.lengths, w.first_diff, strict=True) for p in range(f, L)
+                    for _ in range(p + 1)]
+        per_layer = cells // S.n_layers
+        for layer in range(S.n_layers):
+            # the blocks from the patched one on, the last at the answer position only (~half a block)
+            blocks = S.n_layers - layer - 0.5 if layer < S.n_layers - 1 else 1.0
+            flops += per_layer * sum(s * blocks * tok for _, s in runs)
+        forward_rows += cells * len(runs)
+    rows *= len(cfg.directions)
+    cache = 3 * S.n_layers * w.n * w.P * S.d_model + 2 * S.n_layers * w.n * S.n_heads * w.P * w.P
+    fixed = w.dtype_bytes * cache + 4 * rows
+    per_pass = min(cfg.max_rows, max(1, forward_rows))
+    peak = fixed + int(per_pass) * w.dtype_bytes * w.P * (8 * S.d_model + 2 * S.d_mlp + 2 * S.n_heads * w.P)
+    d = len(cfg.directions)
+    return Cost({"nodes": int(rows)}, forward_rows=d * forward_rows + 2 * d * w.n,
+                flops=d * (flops + 2 * forward_flops(S, w.n, w.P)), fixed_bytes=int(fixed), peak_bytes=int(peak))

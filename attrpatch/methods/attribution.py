@@ -23,8 +23,10 @@ the demo); ``noise`` runs the clean prompt and patches corrupted activations (as
 
    summing over the node's vector dimension (d_model, or d_head for head_out/q/k/v; a pattern cell
    is a scalar, so head_pattern is an elementwise product).
-5. Views: ``per_position=False`` sums the ``pos`` (and ``src_pos``) axes — the demo's "all positions",
-   "block every" and "head every" views; ``per_prompt=False`` takes the mean over prompts.
+5. Views (``core.views``): ``per_position=False`` sums the ``pos`` (and ``src_pos``) axes — the demo's
+   "all positions", "block every" and "head every" views; ``per_prompt=False`` takes the mean over prompts.
+
+Scores are reduced and accumulated in float32 whatever the model's dtype (``core.wide``).
 
 Node kinds (``cfg.kinds``, default all): ``embed`` (token embedding), ``pos_embed``, ``resid_pre``,
 ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out`` (layer, pos); ``head_out`` (z), ``head_q``,
@@ -38,87 +40,61 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from einops import einsum
 from torch import Tensor
 
-from attrpatch.components import DIRECTIONS, HEAD_VECTOR_KINDS, LAYER_KINDS, NODE_KINDS, RESID_KINDS
-from attrpatch.engine import Weights, forward, weights
-from attrpatch.methods import MethodConfig, MethodError, register
+from attrpatch.components import HEAD_VECTOR_KINDS, NODE_KINDS
+from attrpatch.engine import Recorder, Weights, forward, weights
+from attrpatch.methods import MethodConfig, register, register_cost
+from attrpatch.methods.core import (
+    RUN_AND_PATCH,
+    Cost,
+    Work,
+    activation_bytes,
+    as_scores,
+    forward_flops,
+    node_rows,
+    run_and_patch_names,
+    tokens_of,
+    views,
+    wide,
+)
 from attrpatch.metrics import final_logit_diff
 from attrpatch.models import LoadedModel
 from attrpatch.scores import MethodResult, NodeScores
 from attrpatch.tasks import PromptBatch
 
 EMBED_KINDS = ("embed", "pos_embed")
-D_MODEL_KINDS = (*RESID_KINDS, *LAYER_KINDS)
 ATP_KINDS = NODE_KINDS  # every node kind of the vocabulary
 
 Metric = Callable[[Tensor, PromptBatch], Tensor]
 
-
-def check_kinds(kinds: tuple[str, ...] | None, allowed: tuple[str, ...], method: str) -> tuple[str, ...]:
-    """The requested kinds in vocabulary order, or one error naming the bad ones and the allowed set."""
-    if kinds is None:
-        return allowed
-    bad = [k for k in kinds if k not in allowed]
-    if bad or not kinds:
-        raise MethodError(f"method {method!r} scores the kinds {list(allowed)}; got {list(kinds)}: "
-                          f"pass cfg.kinds as a non-empty subset of those (or None for all)")
-    return tuple(k for k in allowed if k in kinds)
-
-
-def check_no_extra(cfg: MethodConfig, method: str) -> None:
-    if cfg.extra:
-        raise MethodError(f"method {method!r} takes no cfg.extra options, got {sorted(cfg.extra)}: remove them")
-
-
-def _tokens(batch: PromptBatch, which: str, w: Weights) -> Tensor:
-    return (batch.clean_tokens if which == "clean" else batch.corrupt_tokens).to(w.device)
-
-
-class SiteRecorder:
-    """Step 1/2: an engine edit that keeps the site tensors of ``kinds`` (and, with ``grad``, makes the
-    embeddings leaves so that every site is in the graph)."""
-
-    def __init__(self, kinds: tuple[str, ...], grad: bool):
-        self.kinds = frozenset(kinds)
-        self.grad = grad
-        self.acts: dict[tuple[str, int], Tensor] = {}
-
-    def __call__(self, kind: str, layer: int, x: Tensor) -> Tensor:
-        if self.grad and kind in EMBED_KINDS:
-            x = x.detach().clone().requires_grad_(True)
-        if kind in self.kinds:
-            self.acts[(kind, layer)] = x
-        return x
-
-
-def stack_sites(acts: dict[tuple[str, int], Tensor], kind: str, n_layers: int) -> Tensor:
-    """Sites of one kind stacked along a leading layer axis (embeddings: no layer axis)."""
-    if kind in EMBED_KINDS:
-        return acts[(kind, 0)]
-    return torch.stack([acts[(kind, layer)] for layer in range(n_layers)])
-
-
-# Step 4: one contraction per kind (per layer; the layer results are stacked). Output axes:
-# prompt, [layer], [head], pos, [src_pos].
-_EINSUM = {
-    **{k: ("bpd,bpd->bp", ("prompt", "pos")) for k in EMBED_KINDS},
-    **{k: ("bpd,bpd->bp", ("prompt", "layer", "pos")) for k in D_MODEL_KINDS},
-    **{k: ("bphe,bphe->bhp", ("prompt", "layer", "head", "pos")) for k in HEAD_VECTOR_KINDS},
-    "head_pattern": ("bhqk,bhqk->bhqk", ("prompt", "layer", "head", "pos", "src_pos")),
+# Step 4: one contraction per kind (per layer; the layer results are stacked). The axis names of the site
+# tensors (``components.py``) and the score axes they leave.
+_SITE_AXES = {
+    **{k: "prompt pos d_model" for k in NODE_KINDS if k not in (*HEAD_VECTOR_KINDS, "head_pattern")},
+    **{k: "prompt pos head d_head" for k in HEAD_VECTOR_KINDS},
+    "head_pattern": "prompt head pos src_pos",
+}
+_SCORE_AXES = {
+    **{k: "prompt pos" for k in _SITE_AXES},
+    **{k: "prompt head pos" for k in HEAD_VECTOR_KINDS},
+    "head_pattern": "prompt head pos src_pos",
 }
 
 
 def contract(kind: str, grads: dict, run: dict, patch: dict, n_layers: int) -> tuple[Tensor, tuple[str, ...]]:
-    """Step 4 for one kind: Σ_d g · (a_patch − a_run) for every prompt, layer, head and position.
+    """Step 4 for one kind: Σ_d g · (a_patch − a_run) for every prompt, layer, head and position, in ``acc_dtype``.
 
     Layer by layer (stacking the inputs first would copy every activation once more)."""
-    spec, axes = _EINSUM[kind]
+    spec = f"{_SITE_AXES[kind]}, {_SITE_AXES[kind]} -> {_SCORE_AXES[kind]}"
+    axes = tuple(_SCORE_AXES[kind].split())
     if kind in EMBED_KINDS:
-        return torch.einsum(spec, grads[(kind, 0)], patch[(kind, 0)] - run[(kind, 0)]), axes
-    per_layer = [torch.einsum(spec, grads[(kind, layer)], patch[(kind, layer)] - run[(kind, layer)])
+        key = (kind, 0)
+        return einsum(wide(grads[key]), wide(patch[key] - run[key]), spec), axes
+    per_layer = [einsum(wide(grads[(kind, layer)]), wide(patch[(kind, layer)] - run[(kind, layer)]), spec)
                  for layer in range(n_layers)]
-    return torch.stack(per_layer, dim=1), axes
+    return torch.stack(per_layer, dim=1), (axes[0], "layer", *axes[1:])
 
 
 def atp_scores(w: Weights, batch: PromptBatch, kinds: tuple[str, ...] = ATP_KINDS,
@@ -129,17 +105,15 @@ def atp_scores(w: Weights, batch: PromptBatch, kinds: tuple[str, ...] = ATP_KIND
     ``metric(engine_logits, batch) -> [batch]`` is differentiated; the method uses the logit difference.
     """
     for d in directions:
-        if d not in DIRECTIONS:
-            raise MethodError(f"unknown direction {d!r}: use 'denoise' (run corrupted, patch clean) or 'noise'")
-    run_of = {"denoise": "corrupt", "noise": "clean"}
-    differentiated = {run_of[d] for d in directions}
-    acts: dict[str, SiteRecorder] = {}
+        run_and_patch_names(d)
+    differentiated = {RUN_AND_PATCH[d][0] for d in directions}
+    acts: dict[str, Recorder] = {}
     grads: dict[str, dict[tuple[str, int], Tensor]] = {}
     for which in ("clean", "corrupt"):  # steps 1 and 2: the two forwards
         grad = which in differentiated
-        sites = SiteRecorder(kinds, grad)
+        sites = Recorder(kinds, leaves=grad)
         with torch.set_grad_enabled(grad):
-            logits = forward(w, _tokens(batch, which, w), batch.answer_pos.to(w.device), sites)
+            logits = forward(w, tokens_of(batch, which).to(w.device), batch.answer_pos, sites)
         acts[which] = sites
         if grad:  # step 3: one backward per differentiated run, for every site at once
             keys = list(sites.acts)
@@ -148,34 +122,50 @@ def atp_scores(w: Weights, batch: PromptBatch, kinds: tuple[str, ...] = ATP_KIND
     out = {}
     with torch.no_grad():
         for d in directions:
-            run, patch = run_of[d], ("clean" if run_of[d] == "corrupt" else "corrupt")
+            run, patch = RUN_AND_PATCH[d]
             for kind in kinds:  # step 4
                 out[(d, kind)] = contract(kind, grads[run], acts[run].acts, acts[patch].acts, w.n_layers)
     return out
 
 
-def views(scores: Tensor, axes: tuple[str, ...], per_prompt: bool, per_position: bool,
-          ) -> tuple[Tensor, tuple[str, ...]]:
-    """Step 5: sum positions away (``per_position=False``) and/or average prompts (``per_prompt=False``)."""
-    if not per_position:
-        drop = [i for i, a in enumerate(axes) if a in ("pos", "src_pos")]
-        if drop:
-            scores = scores.sum(dim=drop)
-            axes = tuple(a for a in axes if a not in ("pos", "src_pos"))
-    if not per_prompt:
-        scores = scores.mean(dim=axes.index("prompt"))
-        axes = tuple(a for a in axes if a != "prompt")
-    return scores, axes
-
-
-@register("attribution", produces="nodes")
+@register("attribution", produces="nodes", kinds=ATP_KINDS)
 def attribution(model: LoadedModel, batch: PromptBatch, cfg: MethodConfig) -> MethodResult:
     """Attribution patching (AtP) for every node kind of the Attribution Patching Demo, both directions."""
-    kinds = check_kinds(cfg.kinds, ATP_KINDS, "attribution")
-    check_no_extra(cfg, "attribution")
-    raw = atp_scores(weights(model), batch, kinds, cfg.directions)
+    kinds = cfg.kinds or ATP_KINDS
+    raw = atp_scores(weights(model), batch, tuple(k for k in ATP_KINDS if k in kinds), cfg.directions)
     nodes = []
     for (direction, kind), (s, axes) in raw.items():
         s, axes = views(s, axes, cfg.per_prompt, cfg.per_position)
-        nodes.append(NodeScores(kind, direction, s.detach().float().cpu(), axes))
+        nodes.append(NodeScores(kind, direction, as_scores(s), axes))
     return MethodResult(nodes=nodes)
+
+
+def _cells(shape, kind: str) -> int:
+    if kind in EMBED_KINDS:
+        return 1
+    if kind in (*HEAD_VECTOR_KINDS, "head_pattern"):
+        return shape.n_layers * shape.n_heads
+    return shape.n_layers
+
+
+def site_bytes(w: Work, kinds: tuple[str, ...]) -> int:
+    """Bytes of the recorded sites of one run over the shard (the pattern is [head, pos, pos] per layer)."""
+    S, n, P = w.shape, w.n, w.P
+    per = 0
+    for kind in kinds:
+        if kind == "head_pattern":
+            per += S.n_layers * S.n_heads * P * P
+        else:
+            per += _cells(S, kind) * P * (S.d_head if kind in HEAD_VECTOR_KINDS else S.d_model)
+    return w.dtype_bytes * n * per
+
+
+@register_cost("attribution")
+def attribution_cost(w: Work, cfg: MethodConfig) -> Cost:
+    kinds = cfg.kinds or ATP_KINDS
+    rows = len(cfg.directions) * sum(node_rows(w, cfg.per_prompt, cfg.per_position, _cells(w.shape, k),
+                                               pattern=k == "head_pattern") for k in kinds)
+    n_grad = len({RUN_AND_PATCH[d][0] for d in cfg.directions})
+    flops = forward_flops(w.shape, w.n, w.P) * (2 + 2 * n_grad)
+    fixed = site_bytes(w, kinds) * (2 + n_grad) + n_grad * w.n * activation_bytes(w.shape, w.P, w.dtype_bytes, True)
+    return Cost({"nodes": rows}, forward_rows=w.n * (2 + 2 * n_grad), flops=flops, fixed_bytes=fixed, peak_bytes=fixed)

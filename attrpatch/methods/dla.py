@@ -34,40 +34,35 @@ no effect.
 from __future__ import annotations
 
 import torch
+from einops import einsum
 from jaxtyping import Float
 from torch import Tensor
 
-from attrpatch.engine import Weights, run_with_acts, weights
-from attrpatch.methods import MethodConfig, register
-from attrpatch.methods.attribution import check_kinds, check_no_extra, stack_sites, views
+from attrpatch.engine import Weights, run_with_acts, unembed_direction, weights
+from attrpatch.methods import MethodConfig, register, register_cost
+from attrpatch.methods.core import Cost, Work, activation_bytes, as_scores, forward_flops, views, wide
 from attrpatch.models import LoadedModel
 from attrpatch.scores import MethodResult, NodeScores
 from attrpatch.tasks import PromptBatch
 
 DIRECTION = "clean"  # DLA reads the clean run only; there is no patch direction
 DLA_KINDS = ("embed", "pos_embed", "attn_out", "mlp_out", "head_out")
-_EINSUM = {
-    "embed": ("bd,bd->b", ("prompt",)),
-    "pos_embed": ("bd,bd->b", ("prompt",)),
-    "attn_out": ("lbd,bd->bl", ("prompt", "layer")),
-    "mlp_out": ("lbd,bd->bl", ("prompt", "layer")),
-}
 
 
 def _answer_direction(w: Weights, batch: PromptBatch, final: Float[Tensor, "batch d_model"],
                       ) -> Float[Tensor, "batch d_model"]:
-    """Steps 2–3: the logit-difference direction through ln_final with its scale frozen."""
+    """Steps 2–3: the logit-difference direction through ln_final with its scale frozen (``acc_dtype``)."""
+    final = wide(final)
     sigma = (final.var(-1, unbiased=False, keepdim=True) + w.eps).sqrt()
-    u = (w.W_U[:, batch.answer_ids.to(w.device)] - w.W_U[:, batch.wrong_ids.to(w.device)]).T
-    gu = w.lnf_w * u
+    u, _ = unembed_direction(w, batch.answer_ids, batch.wrong_ids)
+    gu = wide(w.lnf_w) * wide(u)
     return (gu - gu.mean(-1, keepdim=True)) / sigma
 
 
 def dla_constant(w: Weights, batch: PromptBatch) -> Float[Tensor, " batch"]:
     """β·u + b_U[answer] − b_U[wrong]: the part of the logit difference that no component writes."""
-    ans, wrong = batch.answer_ids.to(w.device), batch.wrong_ids.to(w.device)
-    u = (w.W_U[:, ans] - w.W_U[:, wrong]).T
-    return u @ w.lnf_b + w.b_U[ans] - w.b_U[wrong]
+    u, bias = unembed_direction(w, batch.answer_ids, batch.wrong_ids)
+    return u @ w.lnf_b + bias
 
 
 def dla_scores(w: Weights, batch: PromptBatch, kinds: tuple[str, ...] = DLA_KINDS,
@@ -75,29 +70,47 @@ def dla_scores(w: Weights, batch: PromptBatch, kinds: tuple[str, ...] = DLA_KIND
     """Steps 1–4 on any engine weights: ``{kind: (scores, axes)}``, per prompt."""
     ans_pos = batch.answer_pos.to(w.device)
     with torch.no_grad():
-        _, acts = run_with_acts(w, batch.clean_tokens.to(w.device), ans_pos,
-                                kinds=(*DLA_KINDS, "logits"))  # step 1
+        _, acts = run_with_acts(w, batch.clean_tokens.to(w.device), ans_pos, kinds=(*DLA_KINDS, "logits"))  # step 1
         rows = torch.arange(len(batch), device=w.device)
-        at_answer = lambda x: x[..., rows, ans_pos, :] if x.dim() == 4 else x[rows, ans_pos]  # noqa: E731
-        v = _answer_direction(w, batch, at_answer(acts[("logits", w.n_layers)]))
+
+        def at_answer(kind: str) -> Tensor:  # [prompt, (layer,) ...] at each prompt's answer position, widened
+            if kind in ("embed", "pos_embed", "logits"):
+                layer = w.n_layers if kind == "logits" else 0
+                return wide(acts[(kind, layer)][rows, ans_pos])
+            return wide(torch.stack([acts[(kind, layer)][rows, ans_pos] for layer in range(w.n_layers)], 1))
+
+        v = _answer_direction(w, batch, at_answer("logits"))
         out = {}
         for kind in kinds:  # step 4
             if kind == "head_out":
-                z = stack_sites(acts, kind, w.n_layers)[:, rows, ans_pos]  # [layer batch head d_head]
-                out[kind] = (torch.einsum("lbhe,lhed,bd->blh", z, w.W_O, v), ("prompt", "layer", "head"))
+                W_O = wide(torch.stack([w.W_O_heads(layer) for layer in range(w.n_layers)]))
+                s = einsum(at_answer(kind), W_O, v, "prompt layer head d_head, layer head d_head d_model, "
+                           "prompt d_model -> prompt layer head")
+                out[kind] = (s, ("prompt", "layer", "head"))
+            elif kind in ("attn_out", "mlp_out"):
+                s = einsum(at_answer(kind), v, "prompt layer d_model, prompt d_model -> prompt layer")
+                out[kind] = (s, ("prompt", "layer"))
             else:
-                spec, axes = _EINSUM[kind]
-                out[kind] = (torch.einsum(spec, at_answer(stack_sites(acts, kind, w.n_layers)), v), axes)
+                out[kind] = (einsum(at_answer(kind), v, "prompt d_model, prompt d_model -> prompt"), ("prompt",))
     return out
 
 
-@register("dla", produces="nodes")
+@register("dla", produces="nodes", kinds=DLA_KINDS, directions=(DIRECTION,))
 def dla(model: LoadedModel, batch: PromptBatch, cfg: MethodConfig) -> MethodResult:
     """Direct logit attribution at the answer position (ln_final scale frozen from the clean run)."""
-    kinds = check_kinds(cfg.kinds, DLA_KINDS, "dla")
-    check_no_extra(cfg, "dla")
+    kinds = tuple(k for k in DLA_KINDS if k in (cfg.kinds or DLA_KINDS))
     nodes = []
     for kind, (s, axes) in dla_scores(weights(model), batch, kinds).items():
         s, axes = views(s, axes, cfg.per_prompt, per_position=True)
-        nodes.append(NodeScores(kind, DIRECTION, s.float().cpu(), axes))
+        nodes.append(NodeScores(kind, DIRECTION, as_scores(s), axes))
     return MethodResult(nodes=nodes)
+
+
+@register_cost("dla")
+def dla_cost(w: Work, cfg: MethodConfig) -> Cost:
+    S = w.shape
+    cells = {"embed": 1, "pos_embed": 1, "attn_out": S.n_layers, "mlp_out": S.n_layers, "head_out": S.n_layers * S.n_heads}
+    rows = sum(cells[k] * (w.n if cfg.per_prompt else 1) for k in (cfg.kinds or DLA_KINDS))
+    fixed = w.n * w.P * S.n_layers * 4 * S.d_model * w.dtype_bytes
+    return Cost({"nodes": rows}, forward_rows=w.n, flops=forward_flops(S, w.n, w.P), fixed_bytes=fixed,
+                peak_bytes=fixed + w.n * activation_bytes(S, w.P, w.dtype_bytes, False))

@@ -22,35 +22,48 @@ right Riemann sum converges to the path integral: for ``embed``, whose every rea
 its outgoing scores tends to metric(patch) − metric(run) (IG completeness) with error O(1/m).
 The paper writes k = 1 … m; some versions of the authors' code use k = 0 … m−1 (which at m = 1 is EAP).
 
-Config read: ``directions``, ``ig_steps``, ``per_prompt``, ``per_position``, ``max_rows``.
+Steps 1 and 3 are the shared EAP loop (``core.edge_scores``); step 2 is ``averaged_grads``. Options:
+``EapIgOptions.ig_steps``; config read: ``directions``, ``per_prompt``, ``per_position``, ``max_rows``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from attrpatch.engine import Weights, weights
 from attrpatch.graph import EdgeGraph
-from attrpatch.methods import MethodConfig, register
-from attrpatch.methods.edge_attribution import (
-    MEMORY_BUDGET,
-    contract,
-    empty_scores,
-    finish,
-    rows_per_pass,
-    run_and_patch,
-    run_sources,
-    score_axes,
+from attrpatch.methods import MethodConfig, MethodError, Options, register, register_cost
+from attrpatch.methods.core import (
+    Cost,
+    TargetGrads,
+    Work,
+    as_scores,
+    edge_axes,
+    edge_loop_cost,
+    edge_scores,
     target_grads,
+    wide,
 )
 from attrpatch.models import LoadedModel
 from attrpatch.scores import EdgeScores, MethodResult
 from attrpatch.tasks import PromptBatch
 
 
-def averaged_grads(w: Weights, part: PromptBatch, run: Tensor, patch: Tensor, steps: int, rows: int
-                   ) -> list[Tensor]:
+@dataclass(frozen=True)
+class EapIgOptions(Options):
+    ig_steps: int = 5  # interpolation steps m (Hanna et al. use 5 on IOI)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ig_steps < 1:
+            raise MethodError(f"ig_steps must be at least 1, got {self.ig_steps}")
+
+
+def averaged_grads(w: Weights, part: PromptBatch, run: Tensor, patch: Tensor, rows: int, steps: int
+                   ) -> tuple[None, TargetGrads]:
     """Step 2: target gradients averaged over α = k/m, k = 1 … m, with the steps along the batch axis.
 
     ``rows`` bounds one pass: ``rows // len(part)`` steps go into each pass (at least one)."""
@@ -60,47 +73,42 @@ def averaged_grads(w: Weights, part: PromptBatch, run: Tensor, patch: Tensor, st
     for k0 in range(1, steps + 1, per_pass):
         ks = torch.arange(k0, min(k0 + per_pass, steps + 1), device=w.device)
         g = len(ks)
-        alpha = (ks.to(w.W_E.dtype) / steps).repeat_interleave(n)[:, None, None]  # copy-major rows
-        e_patch = w.W_E[patch.to(w.device)].repeat(g, 1, 1)
+        alpha = (ks.to(w.resid_dtype) / steps).repeat_interleave(n)[:, None, None]  # copy-major rows
+        e_patch = w.W_E[patch].to(w.resid_dtype).repeat(g, 1, 1)
 
         def interpolate(e_run: Tensor, alpha: Tensor = alpha, e_patch: Tensor = e_patch) -> Tensor:
             return e_run + alpha * (e_patch - e_run)
 
         _, blocks = target_grads(w, run.repeat(g, 1), part.answer_pos.repeat(g), part.answer_ids,
                                  part.wrong_ids, embed=interpolate)
-        summed = [b.reshape(g, n, *b.shape[1:]).sum(0) for b in blocks]
+        summed = [wide(b.reshape(g, n, *b.shape[1:])).sum(0) for b in blocks]
         total = summed if total is None else [t + s for t, s in zip(total, summed, strict=True)]
         del blocks
     assert total is not None
-    return [t / steps for t in total]
+    return None, [t / steps for t in total]
 
 
 def eap_ig_scores(w: Weights, batch: PromptBatch, directions: tuple[str, ...] = ("denoise",), steps: int = 5,
-                  per_prompt: bool = True, per_position: bool = True, max_rows: int = 256,
-                  budget: int = MEMORY_BUDGET) -> dict[str, Tensor]:
-    """Steps 1–3 for each direction: ``{direction: scores}`` with axes ``score_axes(per_prompt, per_position)``."""
-    graph = EdgeGraph.of(w)
-    out = {d: empty_scores(graph, batch, per_prompt, per_position, w.W_E.dtype, w.device) for d in directions}
-    rows = rows_per_pass(w, batch.n_pos, max_rows, budget)
-    for start in range(0, len(batch), rows):
-        part = batch.select(range(start, min(start + rows, len(batch))))
-        for direction in directions:
-            run, patch = run_and_patch(part, direction)
-            delta = run_sources(w, patch, part.answer_pos) - run_sources(w, run, part.answer_pos)
-            blocks = averaged_grads(w, part, run, patch, steps, rows)
-            target = out[direction][start:start + len(part)] if per_prompt else out[direction]
-            if per_position:
-                target = target[..., : part.n_pos, :, :]
-            with torch.no_grad():
-                contract(graph, delta, blocks, target, per_prompt, per_position)
-    return {d: finish(graph, s, len(batch), per_prompt) for d, s in out.items()}
+                  per_prompt: bool = True, per_position: bool = True, max_rows: int = 256) -> dict[str, Tensor]:
+    """Steps 1–3 for each direction: ``{direction: scores}`` with axes ``edge_axes(per_prompt, per_position)``."""
+
+    def grads(w: Weights, part: PromptBatch, run: Tensor, patch: Tensor, rows: int):
+        return averaged_grads(w, part, run, patch, rows, steps)
+
+    return edge_scores(w, batch, grads, directions, per_prompt, per_position, max_rows)
 
 
-@register("eap_ig", produces="edges")
+@register("eap_ig", produces="edges", options=EapIgOptions)
 def eap_ig(model: LoadedModel, batch: PromptBatch, cfg: MethodConfig) -> MethodResult:
     """EAP-IG (Hanna et al. 2024): edge scores with gradients integrated along the input-embedding path."""
     w = weights(model)
-    graph = EdgeGraph.of(w)
-    scores = eap_ig_scores(w, batch, cfg.directions, cfg.ig_steps, cfg.per_prompt, cfg.per_position, cfg.max_rows)
-    axes = score_axes(cfg.per_prompt, cfg.per_position)
-    return MethodResult(edges=[EdgeScores(d, graph.index(), s, axes) for d, s in scores.items()])
+    scores = eap_ig_scores(w, batch, cfg.directions, cfg.options.ig_steps, cfg.per_prompt, cfg.per_position,
+                           cfg.max_rows)
+    index = EdgeGraph.of(w).index()
+    axes = edge_axes(cfg.per_prompt, cfg.per_position)
+    return MethodResult(edges=[EdgeScores(d, index, as_scores(s), axes) for d, s in scores.items()])
+
+
+@register_cost("eap_ig")
+def eap_ig_cost(w: Work, cfg: MethodConfig) -> Cost:
+    return edge_loop_cost(w, cfg, n_grad_rows=w.n * cfg.options.ig_steps)

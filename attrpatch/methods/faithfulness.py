@@ -6,7 +6,7 @@ Algorithm (MIB circuit-localization track, Mueller et al. 2025, arXiv:2504.13151
 ``MIB_circuit_track/evaluation.py::evaluate_area_under_curve``; the IOI minimal-circuit check of Wang et al.
 2022 is the same measurement for one hand-picked circuit):
 
-1. Rank: run ``cfg.extra["ranking"]`` on the same batch (default ``edge_attribution`` for edges,
+1. Rank: run ``options.ranking`` on the same batch (default ``edge_attribution`` for edges,
    ``attribution`` for nodes), mean over prompts and summed over positions, and order the edges (or the
    head_out / mlp_out nodes; ``embed`` always stays) by |score|, ties in index order.
 2. For each k in ``K_PERCENT``: the circuit C_k is the top n_k = ⌊k/100 · N⌋ of the N ranked edges (nodes; a
@@ -26,33 +26,42 @@ corrupted). f is NaN when m(N) = m(∅). Output: ``MethodResult.tables["faithful
 ``FAITHFULNESS_SCHEMA``, one row per (direction, k); the metric columns let a reader pool shards
 (``analysis.query`` view ``faithfulness_curves``).
 
-Config read: ``directions``, ``max_rows``, ``extra``: ``ranking`` (a registered method), ``level``
-(``"edge"`` | ``"node"``), ``ablation`` (``"patch"`` | ``"mean"``), ``k_percent`` (a list of percentages).
+Options (``FaithfulnessOptions``): ``ranking`` (a registered method), ``level`` (``"edge"`` | ``"node"``),
+``ablation`` (``"patch"`` | ``"mean"``), ``k_percent`` (a list of percentages). Config read: ``directions``,
+``max_rows``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import torch
 from torch import Tensor
 
-from attrpatch.circuits import ABLATIONS, circuit_metric
+from attrpatch.circuits import circuit_metric
 from attrpatch.components import Node
 from attrpatch.engine import weights
-from attrpatch.methods import MethodConfig, MethodError, get_method, register, run_method
+from attrpatch.methods import (
+    MethodConfig,
+    MethodError,
+    Options,
+    get_method,
+    register,
+    register_cost,
+    run_method,
+)
+from attrpatch.methods.core import Cost, Work
 from attrpatch.models import LoadedModel
 from attrpatch.scores import EdgeIndex, EdgeScores, MethodResult, NodeScores
 from attrpatch.tasks import PromptBatch
 
 K_PERCENT = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)  # MIB's circuit sizes (% of edges)
-LEVELS = ("edge", "node")
 DEFAULT_RANKING = {"edge": "edge_attribution", "node": "attribution"}  # the cheap estimate of each level
 NODE_KINDS = ("head_out", "mlp_out")  # the nodes a node circuit chooses among (MIB: heads and MLPs)
-EXTRA_KEYS = ("ranking", "level", "ablation", "k_percent")
 
 FAITHFULNESS_SCHEMA = pa.schema([
     ("direction", pa.string()),  # direction of the ranking scores
@@ -134,7 +143,7 @@ def node_circuits(nodes: list[NodeScores], index: EdgeIndex, n: np.ndarray) -> t
         values.append(v.flatten())
     if not values:
         raise MethodError(f"the ranking method gave no {list(NODE_KINDS)} scores: use a node method such as "
-                          "'attribution' or 'activation' for extra.level='node'")
+                          "'attribution' or 'activation' for level='node'")
     vals = torch.cat(values)
     ranks = rank_positions(vals, torch.ones_like(vals, dtype=torch.bool))
     chosen = ranks[None] < torch.as_tensor(n, device=ranks.device)[:, None]  # [circuit, ranked node]
@@ -144,27 +153,30 @@ def node_circuits(nodes: list[NodeScores], index: EdgeIndex, n: np.ndarray) -> t
     return keep_src[:, :, None] & index.valid.to(chosen.device)[None], len(ranked_src)
 
 
-def _options(cfg: MethodConfig) -> tuple[str, str, str, tuple[float, ...]]:
-    unknown = sorted(set(cfg.extra) - set(EXTRA_KEYS))
-    if unknown:
-        raise MethodError(f"faithfulness does not take extra options {unknown}: use {list(EXTRA_KEYS)} (in a sweep, "
-                          "set them for this method only: method.overrides.faithfulness.extra)")
-    level = cfg.extra.get("level", "edge")
-    if level not in LEVELS:
-        raise MethodError(f"extra.level must be one of {list(LEVELS)}, got {level!r}")
-    ablation = cfg.extra.get("ablation", "patch")
-    if ablation not in ABLATIONS:
-        raise MethodError(f"extra.ablation must be one of {list(ABLATIONS)}, got {ablation!r}")
-    ks = tuple(float(k) for k in cfg.extra.get("k_percent", K_PERCENT))
-    if not ks or any(not 0 <= k <= 100 for k in ks) or list(ks) != sorted(set(ks)):
-        raise MethodError(f"extra.k_percent must be strictly increasing percentages in [0, 100], got {list(ks)}")
-    ranking = cfg.extra.get("ranking", DEFAULT_RANKING[level])
-    info = get_method(ranking)
-    need = "edges" if level == "edge" else "nodes"
-    if ranking == "faithfulness" or info.produces not in (need, "both"):
-        raise MethodError(f"extra.ranking={ranking!r} produces {info.produces}, but level={level!r} ranks {need}: "
-                          f"use e.g. {DEFAULT_RANKING[level]!r}")
-    return ranking, level, ablation, ks
+@dataclass(frozen=True)
+class FaithfulnessOptions(Options):
+    ranking: str | None = None  # the method whose scores choose the circuit; None: DEFAULT_RANKING[level]
+    level: Literal["edge", "node"] = "edge"  # MIB's circuits are edge sets; "node" keeps top heads/MLPs
+    ablation: Literal["patch", "mean"] = "patch"  # corrupted write, or its per-template mean
+    k_percent: tuple[float, ...] = K_PERCENT  # circuit sizes, % of the ranked edges (nodes)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ks = tuple(float(k) for k in self.k_percent)
+        object.__setattr__(self, "k_percent", ks)
+        if not ks or any(not 0 <= k <= 100 for k in ks) or list(ks) != sorted(set(ks)):
+            raise MethodError(f"k_percent must be strictly increasing percentages in [0, 100], got {list(ks)}")
+
+    @property
+    def ranking_method(self) -> str:
+        return self.ranking or DEFAULT_RANKING[self.level]
+
+    def check(self, cfg: MethodConfig) -> None:
+        info = get_method(self.ranking_method)
+        need = "edges" if self.level == "edge" else "nodes"
+        if info.name == "faithfulness" or info.produces not in (need, "both"):
+            raise MethodError(f"ranking={info.name!r} produces {info.produces}, but level={self.level!r} ranks "
+                              f"{need}: use e.g. {DEFAULT_RANKING[self.level]!r}")
 
 
 def full_index(model: LoadedModel) -> EdgeIndex:
@@ -231,13 +243,14 @@ def node_curve(model: LoadedModel, batch: PromptBatch, nodes: list[NodeScores], 
     return curve_rows(directions.pop(), ranking, "node", ablation, ks, n, n_total, n_edges, metric_by_n, len(batch))
 
 
-@register("faithfulness", produces="tables")
+@register("faithfulness", produces="tables", options=FaithfulnessOptions)
 def faithfulness(model: LoadedModel, batch: PromptBatch, cfg: MethodConfig) -> MethodResult:
     """Circuit faithfulness f(k), CPR and CMD (MIB circuit track) of the top-k edges/nodes of a ranking."""
-    ranking, level, ablation, ks = _options(cfg)
-    kinds = NODE_KINDS if level == "node" else cfg.kinds
+    opts = cfg.options
+    ranking, level, ablation, ks = opts.ranking_method, opts.level, opts.ablation, opts.k_percent
+    kinds = NODE_KINDS if level == "node" else None
     ranked = run_method(ranking, model, batch,
-                        replace(cfg, per_prompt=False, per_position=False, kinds=kinds, extra={}))
+                        replace(cfg, per_prompt=False, per_position=False, kinds=kinds, options=None))
     tables = []
     for direction in cfg.directions:
         if level == "edge":
@@ -247,3 +260,29 @@ def faithfulness(model: LoadedModel, batch: PromptBatch, cfg: MethodConfig) -> M
             nodes = [ns for ns in ranked.nodes if ns.direction == direction]
             tables.append(node_curve(model, batch, nodes, full_index(model), ranking, ks, ablation, cfg.max_rows))
     return MethodResult(tables={"faithfulness": pa.concat_tables(tables)})
+
+
+@register_cost("faithfulness")
+def faithfulness_cost(w: Work, cfg: MethodConfig) -> Cost:
+    from attrpatch.graph import EdgeGraph
+    from attrpatch.methods.core import forward_flops
+
+    opts = cfg.options
+    S = w.shape
+    graph = EdgeGraph(S.n_layers, S.n_heads)
+    info = get_method(opts.ranking_method)
+    kinds = NODE_KINDS if opts.level == "node" else None
+    if info.cost is None:
+        raise MethodError(f"ranking method {info.name!r} has no cost model")
+    rank = info.cost(w, replace(cfg, per_prompt=False, per_position=False, kinds=kinds, options=info.options()))
+    n_total = graph.n_edges if opts.level == "edge" else S.n_layers * (S.n_heads + 1)
+    sizes = len(np.unique(np.concatenate([[0, n_total], n_kept(opts.k_percent, n_total)])))
+    d = len(cfg.directions)
+    # each circuit: a split forward of the clean prompts with δ added at every target input
+    delta = 2.0 * w.n * w.P * S.d_model * graph.n_edges
+    flops = rank.flops + d * sizes * (forward_flops(S, w.n, w.P, logits=False) + delta)
+    per_row = w.dtype_bytes * w.P * S.d_model * (graph.n_src + 6 * S.n_heads + 12)
+    fixed = rank.fixed_bytes + w.dtype_bytes * w.n * w.P * graph.n_src * S.d_model
+    return Cost({"faithfulness": d * len(opts.k_percent)}, forward_rows=rank.forward_rows + d * sizes * w.n,
+                flops=flops, fixed_bytes=int(fixed),
+                peak_bytes=int(max(rank.peak_bytes, fixed + min(cfg.max_rows, sizes * w.n) * per_row)))

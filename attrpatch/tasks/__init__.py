@@ -19,10 +19,10 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from attrpatch.errors import AttrpatchError
+from attrpatch.errors import ConfigError
 
 
-class TaskError(AttrpatchError):
+class TaskError(ConfigError):
     """A task name, prompt set or corruption that cannot be used; the message says how to fix it."""
 
 
@@ -116,11 +116,6 @@ class PromptBatch:
         if shard_size < 1:
             raise TaskError(f"shard_size must be at least 1, got {shard_size}")
         return [self.select(range(i, min(i + shard_size, len(self)))) for i in range(0, len(self), shard_size)]
-
-    def swapped(self) -> PromptBatch:
-        """The same batch with clean and corrupted runs exchanged (answers unchanged)."""
-        return PromptBatch(self.corrupt_tokens, self.clean_tokens, self.answer_ids, self.wrong_ids,
-                           self.answer_pos, self.prompt_ids, self.prompts)
 
 
 def _single_token(tokenizer, text: str, what: str, n: int) -> int:
