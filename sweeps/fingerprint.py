@@ -25,6 +25,7 @@ import json
 import os
 from pathlib import Path
 
+from attrpatch.errors import ModelError
 from attrpatch.models import checkpoint_files
 from attrpatch.tasks import CORRUPTIONS, _load_builtin_tasks
 from sweeps.config import SweepConfig
@@ -69,9 +70,14 @@ def file_sha256(path: Path) -> str:
     return cache[key]
 
 
-def model_options(entry: ModelEntry, dtype: str) -> dict:
+def model_options(entry: ModelEntry, dtype: str, allow_missing: bool = False) -> dict:
     """The model part: source, weights hash (None for a hub model not yet downloaded), dtype."""
-    files = checkpoint_files(entry.spec)
+    try:
+        files = checkpoint_files(entry.spec)
+    except ModelError:
+        if not allow_missing:
+            raise
+        files = []
     digest = None
     if files:
         h = hashlib.sha256()
@@ -137,9 +143,9 @@ class Fingerprints:
         return digest(self.options(model, task, method))
 
 
-def fingerprints(cfg: SweepConfig, entries: list[ModelEntry]) -> Fingerprints:
+def fingerprints(cfg: SweepConfig, entries: list[ModelEntry], allow_missing: bool = False) -> Fingerprints:
     return Fingerprints(
-        models={e.name: model_options(e, cfg.model.dtype) for e in entries},
+        models={e.name: model_options(e, cfg.model.dtype, allow_missing) for e in entries},
         tasks={t: task_options(cfg, t) for t in cfg.tasks},
         methods={m: method_options(cfg, m) for m in cfg.methods},
         versions=versions(),

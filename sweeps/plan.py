@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 import socket
@@ -212,30 +211,36 @@ def make_plan(cfg: SweepConfig, entries: list[ModelEntry], cells: list[Cell], ba
 
 # ------------------------------------------------------------------------------------------ step 4
 
+def _cheaper(method: str | None, shard_size: int) -> str:
+    subset = f"method.overrides.{method}.edge_subset=0.01, " if method == "edge_activation" else ""
+    return (f"cheaper: {subset}method.overrides.{method}.per_position=false or per_prompt=false, fewer prompts, "
+            f"or smaller shards (task.shard_size, now {shard_size})")
+
+
 def check(plan: Plan, cfg: SweepConfig, worker_bytes: dict[str, int]) -> None:
-    """Refuse (``PlanError``) a sweep beyond the limits, naming the worst cell and the cheaper choices."""
+    """Refuse (``PlanError``) a sweep beyond the limits, naming the (model, task, method), its rows and cost,
+    the override, and the cheaper choices."""
+    groups: dict[tuple, list] = {}
     for c in plan.cells:
-        have = worker_bytes.get(c.model)
-        if have and c.fixed_bytes > have:
-            raise PlanError(
-                f"{c.model}/{c.task}/{c.method} needs ~{c.fixed_bytes / GiB:,.1f} GiB per worker (weights, caches and "
-                f"dense scores of a {cfg.task.shard_size}-prompt shard) but a worker has {have / GiB:,.1f} GiB: use "
-                f"smaller shards (task.shard_size), per_position=false or per_prompt=false for it, or raise "
-                "model.memory_gb if the machines have it")
-    totals = plan.totals()
-    n_rows = sum(totals["rows"].values())
+        g = groups.setdefault((c.model, c.task, c.method), [0, 0.0, 0])
+        g[0] += sum(c.rows.values())
+        g[1] += c.seconds
+        g[2] = max(g[2], c.fixed_bytes)
+    n_rows = sum(g[0] for g in groups.values())
     if n_rows > cfg.limits.max_rows:
-        by: dict[tuple, list] = {}
-        for c in plan.cells:
-            entry = by.setdefault((c.model, c.task, c.method), [0, 0.0])
-            entry[0] += sum(c.rows.values())
-            entry[1] += c.seconds
-        (model, task, method), (rows, seconds) = max(by.items(), key=lambda kv: kv[1][0])
+        (model, task, method), (rows, seconds, _) = max(groups.items(), key=lambda kv: kv[1][0])
         raise PlanError(
-            f"the sweep would write {n_rows:,} rows (~{_gb(n_rows * 8)}), more than limits.max_rows="
-            f"{cfg.limits.max_rows:,}; the largest is {method} on {model}/{task}: {rows:,} rows, ~{_hours(seconds)} "
-            f"of compute. Cheaper: method.overrides.{method}.per_position=false, per_prompt=false"
-            f"{', edge_subset=0.01' if method == 'edge_activation' else ''}, fewer prompts; or raise limits.max_rows")
+            f"the sweep would write {n_rows:,} rows (~{_gb(n_rows * ROW_BYTES['edges'])} of Parquet), more than "
+            f"limits.max_rows={cfg.limits.max_rows:,}; the largest: {method} on {model}/{task}: {rows:,} rows, "
+            f"~{_hours(seconds)} of compute ({_cheaper(method, cfg.task.shard_size)}; or raise limits.max_rows)")
+    for (model, task, method), (rows, seconds, fixed) in groups.items():
+        have = worker_bytes.get(model)
+        if have and fixed > have:
+            raise PlanError(
+                f"{method} on {model}/{task} needs ~{fixed / GiB:,.1f} GiB per worker (weights, caches and dense "
+                f"scores of a {cfg.task.shard_size}-prompt shard) but a worker has {have / GiB:,.1f} GiB; it would "
+                f"write {rows:,} rows in ~{_hours(seconds)} of compute ({_cheaper(method, cfg.task.shard_size)}; or "
+                "raise model.memory_gb if the machines have it)")
 
 
 def _gb(n_bytes: float) -> str:
@@ -275,6 +280,3 @@ def render(plan: Plan, console) -> None:
     devices = ", ".join(f"{d}: {r / 1e9:.1f} GFLOP/s per worker" for d, r in plan.devices.items())
     console.print(f"{summary_line(plan)}; throughput {devices}")
 
-
-def n_workers_hint(n: float) -> int:
-    return max(1, math.floor(n))

@@ -47,6 +47,8 @@ def check_models(cfg: SweepConfig, entries: list[ModelEntry]) -> None:
         try:
             checkpoint_files(e.spec)
         except ModelError as e2:
+            if cfg.plan and not (e.spec.embedded or os.path.isdir(e.spec.source)):
+                continue  # a plan needs the shape only: a hub model need not be downloaded yet
             raise ConfigError(f"models: {e2}") from None
     if cfg.model.device == "cuda" and cfg.cluster.address is None:
         import torch
@@ -120,4 +122,4 @@ def preflight(cfg: SweepConfig) -> Prepared:
     check_wandb(cfg)
     batches = task_batches(cfg)
     cells = expand(cfg, entries, {task: len(b) for task, b in batches.items()})
-    return Prepared(cfg, entries, cells, batches, fingerprints(cfg, entries), root)
+    return Prepared(cfg, entries, cells, batches, fingerprints(cfg, entries, allow_missing=cfg.plan), root)
