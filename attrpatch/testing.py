@@ -82,3 +82,47 @@ def rel_close(ours: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-5) -> None
 def devices() -> list[str]:
     """The devices the device-parametrised tests run on: ``cpu`` always, ``cuda`` when it is available."""
     return ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+# --------------------------------------------------------------------------------------- benches on a device
+
+def bench_device(name: str) -> torch.device:
+    """The device a bench runs on (``cpu`` or ``cuda``); asking for cuda where none is available is an error."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: torch {torch.__version__} sees no CUDA device here; use --device cpu")
+    return device
+
+
+def device_line(device: torch.device) -> str:
+    """One line naming what a bench runs on: the card (with torch's CUDA version) or the CPU threads."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return (f"device: cuda, {torch.cuda.get_device_name(device)} ({props.total_memory / 2**30:.0f} GiB, "
+                f"torch {torch.__version__}, CUDA {torch.version.cuda})")
+    return f"device: cpu, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously): call before reading a timer."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def write_json(path: str | None, figures: dict) -> None:
+    """A bench's figures as JSON at ``path`` (``--json``; nothing when None), for summaries such as
+    ``bench/gpu_check.sh``'s table."""
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump(figures, f, indent=1)
+
+
+def batch_on(batch, device: torch.device):
+    """A copy of a ``PromptBatch`` with every tensor on ``device`` (for TransformerLens and the floors; the
+    methods take the batch as the sweep passes it, on the CPU, and move what they need)."""
+    import dataclasses
+
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)
+                                         if isinstance(getattr(batch, f.name), torch.Tensor)})

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_attribution.py              # GPT-2-small shape, batch 8 (ioi_seed8, 15 tokens)
     .venv/bin/python bench/bench_attribution.py --repeats 3 --threads 2
+    .venv/bin/python bench/bench_attribution.py --device cuda --quick   # on a GPU, fewer rounds
 
 A random GPT-2 with GPT-2 small's shape (12 layers, d_model 768, 12 heads, real vocabulary) is saved to a
 temporary directory and loaded with ``attrpatch.load_model``; the batch is the eight ``ioi_seed8`` prompts.
@@ -21,6 +22,11 @@ the median of the per-round ratios, so a shared machine's changing load affects 
 
 Both libraries' scores are compared on what they share (max |difference| printed). Ratios are measured in
 this run on a machine that may be shared: compare them, not the absolute seconds.
+
+``--device cuda``: the model (and so TransformerLens' bridge) and the tokens live on the GPU; every timer is
+read after ``torch.cuda.synchronize()``; the card is named in the output. ``run_method`` gets the batch on
+the CPU, as the sweep passes it, and moves the tokens itself (inside its timing). ``--quick``: 2 rounds and 1
+TL round (a smoke run, or a GPU check with a time box).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from attrpatch.components import hook_name
 from attrpatch.engine import forward, weights
 from attrpatch.methods import MethodConfig, run_method
 from attrpatch.metrics import final_logit_diff
-from attrpatch.testing import grad_through
+from attrpatch.testing import batch_on, bench_device, device_line, grad_through, sync, write_json
 
 
 def random_gpt2_small(path: str) -> str:
@@ -48,20 +54,22 @@ def random_gpt2_small(path: str) -> str:
     return path
 
 
-def timed(fn) -> tuple[float, object]:
+def timed(fn, device) -> tuple[float, object]:
+    sync(device)
     t0 = time.perf_counter()
     out = fn()
+    sync(device)
     return time.perf_counter() - t0, out
 
 
-def interleaved(fns: dict, rounds: int) -> tuple[dict[str, list[float]], dict]:
+def interleaved(fns: dict, rounds: int, device) -> tuple[dict[str, list[float]], dict]:
     """Run every function once per round, round after round, so that a shared machine's changing load
     hits all of them alike; ratios are then taken within a round."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     outs = {}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t, outs[name] = timed(fn)
+            t, outs[name] = timed(fn, device)
             times[name].append(t)
     return times, outs
 
@@ -72,9 +80,9 @@ def ours(model, batch):
 
 def tl(model, batch):
     scores = []
+    pos, ans, wrong = (t.tolist() for t in (batch.answer_pos, batch.answer_ids, batch.wrong_ids))
     with grad_through(model):
-        for i in range(len(batch)):
-            ap, a, wr = int(batch.answer_pos[i]), int(batch.answer_ids[i]), int(batch.wrong_ids[i])
+        for i, (ap, a, wr) in enumerate(zip(pos, ans, wrong, strict=True)):
             res = attribution_patch(model.bridge, batch.clean_tokens[i:i + 1], batch.corrupt_tokens[i:i + 1],
                                     lambda lg, ap=ap, a=a, wr=wr: lg[0, ap, a] - lg[0, ap, wr])
             scores.append(res.node_scores)
@@ -98,7 +106,7 @@ def floor_engine(model, batch):
 
 def floor_bridge(model, batch):
     bridge = model.bridge
-    rows = torch.arange(len(batch))
+    rows = torch.arange(len(batch), device=batch.clean_tokens.device)
     with torch.no_grad():
         bridge(batch.clean_tokens)
     live = {}
@@ -135,19 +143,27 @@ def main() -> None:
     # One thread: on a CPU shared with other jobs, two-thread ops wait on each other and the same forward
     # varied 6-19 s between runs here; one thread ran it in 1.9 s +- 5%.
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model and tokens live")
+    parser.add_argument("--quick", action="store_true", help="2 rounds, 1 TL round (overrides --repeats, --tl-repeats)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.tl_repeats = 2, 1
     torch.set_num_threads(args.threads)
+    device = bench_device(args.device)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        model = load_model(random_gpt2_small(tmp))
+        model = load_model(random_gpt2_small(tmp), device=args.device)
     batch = make_batch("ioi_seed8", model.tokenizer, n_prompts=8)
+    on_dev = batch_on(batch, device)  # tokens on the device, for TL and the floors
+    print(device_line(device))
     print(f"model: 12 layers, d_model 768, 12 heads; batch {len(batch)} x {batch.n_pos} tokens; "
           f"torch threads {torch.get_num_threads()}")
-    ours(model, batch), floor_engine(model, batch), floor_bridge(model, batch)  # warm-up
-    fast, outs = interleaved({"engine": lambda: floor_engine(model, batch), "ours": lambda: ours(model, batch),
-                              "bridge": lambda: floor_bridge(model, batch)}, args.repeats)
-    slow, tl_outs = interleaved({"ours": lambda: ours(model, batch), "tl": lambda: tl(model, batch),
-                                 "engine": lambda: floor_engine(model, batch)}, args.tl_repeats)
+    ours(model, batch), floor_engine(model, on_dev), floor_bridge(model, on_dev)  # warm-up
+    fast, outs = interleaved({"engine": lambda: floor_engine(model, on_dev), "ours": lambda: ours(model, batch),
+                              "bridge": lambda: floor_bridge(model, on_dev)}, args.repeats, device)
+    slow, tl_outs = interleaved({"ours": lambda: ours(model, batch), "tl": lambda: tl(model, on_dev),
+                                 "engine": lambda: floor_engine(model, on_dev)}, args.tl_repeats, device)
     diff, top, count = compare(outs["ours"], tl_outs["tl"])
     med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
     ratio = lambda a, b, t: statistics.median(x / y for x, y in zip(t[a], t[b], strict=True))  # noqa: E731
@@ -163,6 +179,13 @@ def main() -> None:
     print(f"ours / engine floor: {ratio('ours', 'engine', fast):.2f}x   (goal <= 1.5x);  "
           f"ours / bridge floor: {ratio('ours', 'bridge', fast):.2f}x")
     print(f"agreement with TL on {count} shared scores: max |diff| = {diff:.2e} (largest |score| {top:.2e})")
+    write_json(args.json, {
+        "bench": "attribution", "device": device_line(device), "rounds": args.repeats, "tl_rounds": args.tl_repeats,
+        "ours_s": med(fast["ours"]) / 1e3, "tl_s": med(slow["tl"]) / 1e3, "floor_engine_s": med(fast["engine"]) / 1e3,
+        "floor_bridge_s": med(fast["bridge"]) / 1e3, "vs_tl": ratio("tl", "ours", slow),
+        "tl_per_floor": ratio("tl", "engine", slow), "ours_per_floor": ratio("ours", "engine", fast),
+        "ours_per_bridge_floor": ratio("ours", "bridge", fast), "n_scores": n_scores, "tl_scores": count,
+        "max_diff": diff, "max_score": top, "equal": diff <= 1e-4 * max(1.0, top)})
     if diff > 1e-4 * max(1.0, top):
         raise SystemExit("ours and TransformerLens disagree")
 
