@@ -23,6 +23,14 @@ Modes (combine freely):
   only (keys and values still at every position), unless it is the block the forward starts at.
 * ``diff=(answer_ids, wrong_ids)``: return the logit difference ``ln_final(x) · (W_U[:, a] − W_U[:, b]) +
   b_U[a] − b_U[b]`` (``[row]``) instead of logits.
+* ``rules=frozenset({"ln", "gelu", "ah"})`` (any subset of ``LRP_RULES``): the LRP rules of RelP
+  (``methods/relp.py``). Forward values are bit-identical (the same kernels run); only the backward of
+  the named ops changes, so a gradient taken through the forward is the LRP propagation coefficient:
+  ``"ln"`` — every LayerNorm (ln1, ln2, ln_final) with its scale σ treated as a constant
+  (``ĝ_x = (w⊙ĝ_y − mean(w⊙ĝ_y)) / σ``, Ali et al. 2022's LN-rule); ``"gelu"`` — the MLP activation with
+  the identity rule (``ĝ_x = ĝ_y · GELU(x) / x̃``, ``x̃ = x + 1e-6·(sign(x) or 1)``); ``"ah"`` — the
+  attention pattern with no gradient into the scores (AH-rule: q and k get zero gradient; ``∂/∂pattern``
+  itself is unchanged).
 
 Sites, in the order ``edit(kind, layer, x)`` sees them (shapes in ``components.py``): ``embed, pos_embed``
 (layer 0), then per layer ``resid_pre``, [``head_q_in, head_k_in, head_v_in`` when split], ``head_q,
@@ -206,13 +214,79 @@ def random_weights(shape, seed: int = 0, device: str | torch.device = "cpu", dty
                    b_U=const(0, shape.vocab), n_heads=shape.n_heads, eps=1e-5, act="gelu_new")
 
 
-def layer_norm(x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
-    """LayerNorm in ``x``'s dtype (the residual stream's)."""
+def layer_norm(x: Tensor, w: Tensor, b: Tensor, eps: float, rules: frozenset[str] = frozenset()) -> Tensor:
+    """LayerNorm in ``x``'s dtype (the residual stream's); ``"ln" in rules``: σ constant in the backward."""
+    if "ln" in rules:
+        return _LayerNormRule.apply(x, w.to(x.dtype), b.to(x.dtype), eps)
     return F.layer_norm(x, (x.shape[-1],), w.to(x.dtype), b.to(x.dtype), eps)
 
 
-def gelu(w: Weights, x: Tensor) -> Tensor:
-    return F.gelu(x, approximate="tanh" if w.act == "gelu_new" else "none")
+def gelu(w: Weights, x: Tensor, rules: frozenset[str] = frozenset()) -> Tensor:
+    approximate = "tanh" if w.act == "gelu_new" else "none"
+    if "gelu" in rules:
+        return _GeluIdentityRule.apply(x, approximate)
+    return F.gelu(x, approximate=approximate)
+
+
+# --------------------------------------------------------------------------------------- LRP rules (RelP)
+# Each is the engine's own op in the forward (same kernel, same values) with the backward of the rule.
+
+LRP_RULES = ("ln", "gelu", "ah")
+GELU_STABILISER = 1e-6  # RelP's ``stabilize``: x̃ = x + 1e-6·(sign(x), or 1 where x = 0)
+
+
+def check_rules(rules) -> frozenset[str]:
+    """``rules`` as a frozenset (None: no rule), or a ValueError naming the unknown ones."""
+    rules = frozenset(rules or ())
+    if bad := sorted(rules - set(LRP_RULES)):
+        raise ValueError(f"unknown LRP rule(s) {bad}: use a subset of {list(LRP_RULES)}")
+    return rules
+
+
+class _LayerNormRule(torch.autograd.Function):
+    """LayerNorm forward; backward with σ constant (LN-rule): ĝ_x = (w⊙ĝ_y − mean(w⊙ĝ_y)) / σ."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.eps = eps
+        return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w = ctx.saved_tensors
+        sigma = (x.var(-1, unbiased=False, keepdim=True) + ctx.eps).sqrt()
+        gw = g * w
+        return (gw - gw.mean(-1, keepdim=True)) / sigma, None, None, None
+
+
+class _GeluIdentityRule(torch.autograd.Function):
+    """GELU forward; backward ĝ_x = ĝ_y · GELU(x) / x̃ (identity rule: x·ĝ_x = y·ĝ_y up to the stabiliser)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, approximate: str) -> Tensor:
+        y = F.gelu(x, approximate=approximate)
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, y = ctx.saved_tensors
+        xw = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+        stable = xw + ((xw == 0).to(xw.dtype) + xw.sign()) * GELU_STABILISER
+        return g * (y.to(xw.dtype) / stable).to(g.dtype), None
+
+
+class _SoftmaxAHRule(torch.autograd.Function):
+    """Softmax forward; no gradient to the scores (AH-rule: the pattern is a constant of the backward)."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor) -> Tensor:
+        return scores.softmax(-1)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return torch.zeros_like(g)
 
 
 @dataclass(frozen=True)
@@ -267,12 +341,14 @@ def causal_mask(queries: Tensor, n_keys: int) -> Tensor:
 
 def block(w: Weights, layer: int, resid: Float[Tensor, "row suffix d_model"], edit: Edit = identity,
           split: bool = False, past: tuple[Tensor, Tensor] | None = None,
-          query: Int[Tensor, " row"] | None = None) -> Float[Tensor, "row out d_model"]:
+          query: Int[Tensor, " row"] | None = None, rules: frozenset[str] = frozenset(),
+          ) -> Float[Tensor, "row out d_model"]:
     """One transformer block on positions ``p0 … p0 + S − 1`` (``p0`` = the length of ``past``'s keys).
 
     ``split``: per-head q/k/v inputs and an MLP input of its own (see the module docstring). ``past``:
     keys and values ``[row, p0, head, d_head]`` of the earlier positions. ``query``: compute the attention
-    query and everything after it at one suffix index per row only (the output has one position)."""
+    query and everything after it at one suffix index per row only (the output has one position).
+    ``rules``: the LRP rules whose backward replaces the ops' own (module docstring; values unchanged)."""
     lyr = w.layers[layer]
     L, H, E = layer, w.n_heads, w.d_head
     R, S = resid.shape[:2]
@@ -283,13 +359,13 @@ def block(w: Weights, layer: int, resid: Float[Tensor, "row suffix d_model"], ed
         # A view of its own per site: an edit that keeps the tensor it is handed (to take its gradient)
         # then gets the gradient through that site only, not the q+k+v sum.
         ins = [edit(site, L, resid[:, :, None, :].expand(-1, -1, H, -1)) for site in QKV_INPUT_SITES]
-        q, k, v = (einsum(layer_norm(x, lyr.ln1_w, lyr.ln1_b, w.eps).to(cd), w.qkv_heads(L, i),
+        q, k, v = (einsum(layer_norm(x, lyr.ln1_w, lyr.ln1_b, w.eps, rules).to(cd), w.qkv_heads(L, i),
                           "row pos head d_model, head d_model d_head -> row pos head d_head")
                    + w.qkv_bias(L, i) for i, x in enumerate(ins))
         if query is not None:
             q = q[torch.arange(R, device=q.device), query][:, None]
     else:
-        x = layer_norm(resid, lyr.ln1_w, lyr.ln1_b, w.eps).to(cd)
+        x = layer_norm(resid, lyr.ln1_w, lyr.ln1_b, w.eps, rules).to(cd)
         if query is None:
             qkv = (x @ lyr.W_qkv + lyr.b_qkv).view(R, S, 3, H, E)
             q, k, v = qkv.unbind(2)
@@ -307,15 +383,15 @@ def block(w: Weights, layer: int, resid: Float[Tensor, "row suffix d_model"], ed
     else:
         mask = causal_mask(p0 + query, p0 + S)[:, None, None, :]
     scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)
-    pattern = edit("head_pattern", L, scores.softmax(-1))
+    pattern = edit("head_pattern", L, _SoftmaxAHRule.apply(scores) if "ah" in rules else scores.softmax(-1))
     z = edit("head_out", L, einsum(pattern.to(cd), v, "row head dest src, row src head d_head -> row dest head d_head"))
     attn_out = edit("attn_out", L, (z.flatten(-2) @ lyr.W_O + lyr.b_O).to(rd))
     if query is not None:
         resid = resid[torch.arange(R, device=resid.device), query][:, None]
     resid_mid = edit("resid_mid", L, resid + attn_out)
     mlp_in = edit("mlp_in", L, resid_mid.clone()) if split else resid_mid
-    pre = layer_norm(mlp_in, lyr.ln2_w, lyr.ln2_b, w.eps).to(cd) @ lyr.W_in + lyr.b_in
-    mlp_out = edit("mlp_out", L, (gelu(w, pre) @ lyr.W_out + lyr.b_out).to(rd))
+    pre = layer_norm(mlp_in, lyr.ln2_w, lyr.ln2_b, w.eps, rules).to(cd) @ lyr.W_in + lyr.b_in
+    mlp_out = edit("mlp_out", L, (gelu(w, pre, rules) @ lyr.W_out + lyr.b_out).to(rd))
     return edit("resid_post", L, resid_mid + mlp_out)
 
 
@@ -328,13 +404,14 @@ def unembed_direction(w: Weights, answer_ids: Int[Tensor, " row"], wrong_ids: In
 
 
 def unembed(w: Weights, x: Float[Tensor, "row pos d_model"], answer_pos: Int[Tensor, " row"] | None,
-            edit: Edit = identity, split: bool = False, diff: tuple[Tensor, Tensor] | None = None) -> Tensor:
+            edit: Edit = identity, split: bool = False, diff: tuple[Tensor, Tensor] | None = None,
+            rules: frozenset[str] = frozenset()) -> Tensor:
     """Logits (or, with ``diff``, the logit difference) at each row's answer position. ``answer_pos`` None:
-    ``x`` already holds one position per row."""
+    ``x`` already holds one position per row. ``rules``: ``"ln"`` applies to ``ln_final``."""
     x = edit("logits", w.n_layers, x.clone() if split else x)
     rows = torch.arange(x.shape[0], device=x.device)
     final = x[:, 0] if answer_pos is None else x[rows, answer_pos.to(x.device)]
-    normed = layer_norm(final, w.lnf_w, w.lnf_b, w.eps)
+    normed = layer_norm(final, w.lnf_w, w.lnf_b, w.eps, rules)
     if diff is None:
         return (normed.to(w.dtype) @ w.W_U + w.b_U).to(normed.dtype)
     reps = x.shape[0] // diff[0].shape[0]
@@ -344,13 +421,14 @@ def unembed(w: Weights, x: Float[Tensor, "row pos d_model"], answer_pos: Int[Ten
 
 def forward(w: Weights, tokens: Int[Tensor, "row pos"] | None, answer_pos: Int[Tensor, " row"],
             edit: Edit = identity, split: bool = False, start: Start | None = None, answer_only: bool = False,
-            diff: tuple[Tensor, Tensor] | None = None) -> Tensor:
+            diff: tuple[Tensor, Tensor] | None = None, rules: frozenset[str] | None = None) -> Tensor:
     """Logits ``[row, vocab]`` at the answer positions (or, with ``diff``, the logit difference ``[row]``).
 
     ``answer_pos`` is absolute (with ``start.p0 > 0`` it must lie in the computed suffix). With ``start``,
     ``tokens`` is not used. ``diff`` holds the answer and wrong ids of one batch; rows may be k copies of it,
-    copy-major. See the module docstring for the modes."""
+    copy-major. ``rules``: LRP rules for the backward (None: none). See the module docstring for the modes."""
     answer_pos = answer_pos.to(w.device)
+    rules = check_rules(rules)
     if start is None:
         resid, first, p0 = embed(w, tokens, edit), 0, 0
     else:
@@ -360,10 +438,10 @@ def forward(w: Weights, tokens: Int[Tensor, "row pos"] | None, answer_pos: Int[T
     for L in range(first, w.n_layers):
         past = start.past_kv(L) if start is not None else None
         query = at if answer_only and L == last and L != first else None
-        resid = block(w, L, resid, edit, split, past, query)
+        resid = block(w, L, resid, edit, split, past, query, rules)
         if query is not None:
-            return unembed(w, resid, None, edit, split, diff)
-    return unembed(w, resid, at, edit, split, diff)
+            return unembed(w, resid, None, edit, split, diff, rules)
+    return unembed(w, resid, at, edit, split, diff, rules)
 
 
 class Recorder:
