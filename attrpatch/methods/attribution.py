@@ -26,7 +26,8 @@ the demo); ``noise`` runs the clean prompt and patches corrupted activations (as
 5. Views (``core.views``): ``per_position=False`` sums the ``pos`` (and ``src_pos``) axes — the demo's
    "all positions", "block every" and "head every" views; ``per_prompt=False`` takes the mean over prompts.
 
-Scores are reduced and accumulated in float32 whatever the model's dtype (``core.wide``).
+Scores are reduced and accumulated in float32 whatever the model's dtype (``core.wide``). Steps 1–4 are
+``core.atp_forwards`` and ``core.contract_nodes`` (``core.atp_scores``), shared with AtP* and RelP.
 
 Node kinds (``cfg.kinds``, default all): ``embed`` (token embedding), ``pos_embed``, ``resid_pre``,
 ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out`` (layer, pos); ``head_out`` (z), ``head_q``,
@@ -37,95 +38,21 @@ kept because the demo shows them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
-from einops import einsum
-from torch import Tensor
-
-from attrpatch.components import HEAD_VECTOR_KINDS, NODE_KINDS
-from attrpatch.engine import Recorder, Weights, forward, weights
+from attrpatch.engine import weights
 from attrpatch.methods import MethodConfig, register, register_cost
-from attrpatch.methods.core import (
-    RUN_AND_PATCH,
+from attrpatch.methods.core import (  # noqa: F401  (atp_scores, EMBED_KINDS: this module's public names)
+    ATP_KINDS,
+    EMBED_KINDS,
     Cost,
     Work,
-    activation_bytes,
     as_scores,
-    forward_flops,
-    node_rows,
-    run_and_patch_names,
-    tokens_of,
+    atp_cost,
+    atp_scores,
     views,
-    wide,
 )
-from attrpatch.metrics import final_logit_diff
 from attrpatch.models import LoadedModel
 from attrpatch.scores import MethodResult, NodeScores
 from attrpatch.tasks import PromptBatch
-
-EMBED_KINDS = ("embed", "pos_embed")
-ATP_KINDS = NODE_KINDS  # every node kind of the vocabulary
-
-Metric = Callable[[Tensor, PromptBatch], Tensor]
-
-# Step 4: one contraction per kind (per layer; the layer results are stacked). The axis names of the site
-# tensors (``components.py``) and the score axes they leave.
-_SITE_AXES = {
-    **{k: "prompt pos d_model" for k in NODE_KINDS if k not in (*HEAD_VECTOR_KINDS, "head_pattern")},
-    **{k: "prompt pos head d_head" for k in HEAD_VECTOR_KINDS},
-    "head_pattern": "prompt head pos src_pos",
-}
-_SCORE_AXES = {
-    **{k: "prompt pos" for k in _SITE_AXES},
-    **{k: "prompt head pos" for k in HEAD_VECTOR_KINDS},
-    "head_pattern": "prompt head pos src_pos",
-}
-
-
-def contract(kind: str, grads: dict, run: dict, patch: dict, n_layers: int) -> tuple[Tensor, tuple[str, ...]]:
-    """Step 4 for one kind: Σ_d g · (a_patch − a_run) for every prompt, layer, head and position, in ``acc_dtype``.
-
-    Layer by layer (stacking the inputs first would copy every activation once more)."""
-    spec = f"{_SITE_AXES[kind]}, {_SITE_AXES[kind]} -> {_SCORE_AXES[kind]}"
-    axes = tuple(_SCORE_AXES[kind].split())
-    if kind in EMBED_KINDS:
-        key = (kind, 0)
-        return einsum(wide(grads[key]), wide(patch[key] - run[key]), spec), axes
-    per_layer = [einsum(wide(grads[(kind, layer)]), wide(patch[(kind, layer)] - run[(kind, layer)]), spec)
-                 for layer in range(n_layers)]
-    return torch.stack(per_layer, dim=1), (axes[0], "layer", *axes[1:])
-
-
-def atp_scores(w: Weights, batch: PromptBatch, kinds: tuple[str, ...] = ATP_KINDS,
-               directions: tuple[str, ...] = ("denoise",), metric: Metric = final_logit_diff,
-               ) -> dict[tuple[str, str], tuple[Tensor, tuple[str, ...]]]:
-    """Steps 1–4 on any engine weights: ``{(direction, kind): (scores, axes)}``, per prompt and position.
-
-    ``metric(engine_logits, batch) -> [batch]`` is differentiated; the method uses the logit difference.
-    """
-    for d in directions:
-        run_and_patch_names(d)
-    differentiated = {RUN_AND_PATCH[d][0] for d in directions}
-    acts: dict[str, Recorder] = {}
-    grads: dict[str, dict[tuple[str, int], Tensor]] = {}
-    for which in ("clean", "corrupt"):  # steps 1 and 2: the two forwards
-        grad = which in differentiated
-        sites = Recorder(kinds, leaves=grad)
-        with torch.set_grad_enabled(grad):
-            logits = forward(w, tokens_of(batch, which).to(w.device), batch.answer_pos, sites)
-        acts[which] = sites
-        if grad:  # step 3: one backward per differentiated run, for every site at once
-            keys = list(sites.acts)
-            g = torch.autograd.grad(metric(logits, batch).sum(), [sites.acts[k] for k in keys])
-            grads[which] = dict(zip(keys, g, strict=True))
-    out = {}
-    with torch.no_grad():
-        for d in directions:
-            run, patch = RUN_AND_PATCH[d]
-            for kind in kinds:  # step 4
-                out[(d, kind)] = contract(kind, grads[run], acts[run].acts, acts[patch].acts, w.n_layers)
-    return out
 
 
 @register("attribution", produces="nodes", kinds=ATP_KINDS)
@@ -140,32 +67,6 @@ def attribution(model: LoadedModel, batch: PromptBatch, cfg: MethodConfig) -> Me
     return MethodResult(nodes=nodes)
 
 
-def _cells(shape, kind: str) -> int:
-    if kind in EMBED_KINDS:
-        return 1
-    if kind in (*HEAD_VECTOR_KINDS, "head_pattern"):
-        return shape.n_layers * shape.n_heads
-    return shape.n_layers
-
-
-def site_bytes(w: Work, kinds: tuple[str, ...]) -> int:
-    """Bytes of the recorded sites of one run over the shard (the pattern is [head, pos, pos] per layer)."""
-    S, n, P = w.shape, w.n, w.P
-    per = 0
-    for kind in kinds:
-        if kind == "head_pattern":
-            per += S.n_layers * S.n_heads * P * P
-        else:
-            per += _cells(S, kind) * P * (S.d_head if kind in HEAD_VECTOR_KINDS else S.d_model)
-    return w.dtype_bytes * n * per
-
-
 @register_cost("attribution")
 def attribution_cost(w: Work, cfg: MethodConfig) -> Cost:
-    kinds = cfg.kinds or ATP_KINDS
-    rows = len(cfg.directions) * sum(node_rows(w, cfg.per_prompt, cfg.per_position, _cells(w.shape, k),
-                                               pattern=k == "head_pattern") for k in kinds)
-    n_grad = len({RUN_AND_PATCH[d][0] for d in cfg.directions})
-    flops = forward_flops(w.shape, w.n, w.P) * (2 + 2 * n_grad)
-    fixed = site_bytes(w, kinds) * (2 + n_grad) + n_grad * w.n * activation_bytes(w.shape, w.P, w.dtype_bytes, True)
-    return Cost({"nodes": rows}, forward_rows=w.n * (2 + 2 * n_grad), flops=flops, fixed_bytes=fixed, peak_bytes=fixed)
+    return atp_cost(w, cfg, tuple(cfg.kinds or ATP_KINDS))

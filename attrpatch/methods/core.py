@@ -13,9 +13,13 @@ Every method imports this module and the registry (``attrpatch.methods``); no me
   current ``budget_scale`` (halved on each out-of-memory retry, ``retry_on_oom``). ``rows_per_pass``
   turns a method's bytes per row into rows per pass.
 * **Views.** ``views`` sums positions away and/or averages prompts, the same way for every node method.
+* **The AtP passes** (``atp_forwards``, ``contract_nodes``, ``atp_scores``): the patch forward, the run
+  forward with autograd (optionally under the engine's LRP ``rules``) and one backward to every site, and
+  the per-kind contraction Σ_d g · (a_patch − a_run). Steps 1–4 of ``attribution.py``; AtP* and RelP build
+  on the same passes.
 * **The EAP loop** (``edge_scores``): chunk the prompts, compute the source changes of each direction and
   contract them with the target gradients a method supplies (EAP: at the run input; EAP-IG: averaged
-  along the interpolation path). Steps 1–4 of ``edge_attribution.py``.
+  along the interpolation path; edge RelP: under the LRP rules). Steps 1–4 of ``edge_attribution.py``.
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ from einops import einsum
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from attrpatch.components import DST_INPUT_SITE, QKV_INPUT_SITES
+from attrpatch.components import DST_INPUT_SITE, HEAD_VECTOR_KINDS, NODE_KINDS, QKV_INPUT_SITES
 from attrpatch.engine import Recorder, Weights, forward
 from attrpatch.graph import SRC_SITES, EdgeGraph, source_writes
 from attrpatch.methods import MethodError
+from attrpatch.metrics import final_logit_diff
 from attrpatch.tasks import PromptBatch
 
 log = logging.getLogger(__name__)
@@ -199,6 +204,100 @@ def as_scores(x: Tensor) -> Tensor:
     return x.detach().cpu()
 
 
+# --------------------------------------------------------------------------------------- the AtP passes
+
+EMBED_KINDS = ("embed", "pos_embed")
+ATP_KINDS = NODE_KINDS  # every node kind of the vocabulary
+
+Metric = Callable[[Tensor, PromptBatch], Tensor]
+
+# One contraction per kind (per layer; the layer results are stacked). The axis names of the site tensors
+# (``components.py``) and the score axes they leave.
+SITE_AXES = {
+    **{k: "prompt pos d_model" for k in NODE_KINDS if k not in (*HEAD_VECTOR_KINDS, "head_pattern")},
+    **{k: "prompt pos head d_head" for k in HEAD_VECTOR_KINDS},
+    "head_pattern": "prompt head pos src_pos",
+}
+SCORE_AXES = {
+    **{k: "prompt pos" for k in SITE_AXES},
+    **{k: "prompt head pos" for k in HEAD_VECTOR_KINDS},
+    "head_pattern": "prompt head pos src_pos",
+}
+
+Sites = dict[tuple[str, int], Tensor]  # (kind, layer) → a site's tensor (activation or gradient)
+
+
+def node_axes(kind: str) -> tuple[str, ...]:
+    """The axes of a kind's stacked node scores: ``SCORE_AXES`` with ``layer`` after ``prompt`` (not for
+    the embeddings)."""
+    axes = tuple(SCORE_AXES[kind].split())
+    return axes if kind in EMBED_KINDS else (axes[0], "layer", *axes[1:])
+
+
+def contract_nodes(kind: str, grads: Sites, run: Sites, patch: Sites, n_layers: int,
+                   ) -> tuple[Tensor, tuple[str, ...]]:
+    """Σ_d g · (a_patch − a_run) for every prompt, layer, head and position of one kind, in ``acc_dtype``.
+
+    Layer by layer (stacking the inputs first would copy every activation once more)."""
+    spec = f"{SITE_AXES[kind]}, {SITE_AXES[kind]} -> {SCORE_AXES[kind]}"
+    if kind in EMBED_KINDS:
+        key = (kind, 0)
+        return einsum(wide(grads[key]), wide(patch[key] - run[key]), spec), node_axes(kind)
+    per_layer = [einsum(wide(grads[(kind, layer)]), wide(patch[(kind, layer)] - run[(kind, layer)]), spec)
+                 for layer in range(n_layers)]
+    return torch.stack(per_layer, dim=1), node_axes(kind)
+
+
+def atp_forwards(w: Weights, batch: PromptBatch, sites: tuple[str, ...], directions: tuple[str, ...],
+                 metric: Metric = final_logit_diff, rules: frozenset[str] | None = None,
+                 retain_graph: bool = False) -> tuple[dict[str, Sites], dict[str, Sites]]:
+    """AtP's passes: ``({"clean"|"corrupt": activations}, {run: gradients})`` at every site of ``sites``.
+
+    1. The patch prompt runs forward without a graph (unless another direction differentiates it).
+    2. The run prompt runs forward with autograd (token and position embeddings made leaves, so the graph
+       reaches every site), under the engine's LRP ``rules`` when given (values unchanged).
+    3. One backward per differentiated run for every site at once: ``∂ Σ_prompts metric / ∂ site``.
+       Prompts do not interact, so this is each prompt's own gradient; positions after a prompt's answer
+       get 0 by causality. A site the metric does not reach gets a zero gradient. ``retain_graph`` keeps
+       the run's graph alive for further backwards (AtP*'s GradDrop) through the returned activations.
+
+    ``metric(engine_logits, batch) -> [batch]``; the methods use the logit difference."""
+    for d in directions:
+        run_and_patch_names(d)
+    differentiated = {RUN_AND_PATCH[d][0] for d in directions}
+    acts: dict[str, Sites] = {}
+    grads: dict[str, Sites] = {}
+    for which in ("clean", "corrupt"):
+        grad = which in differentiated
+        rec = Recorder(sites, leaves=grad)
+        with torch.set_grad_enabled(grad):
+            logits = forward(w, tokens_of(batch, which).to(w.device), batch.answer_pos, rec,
+                             rules=rules if grad else None)
+        acts[which] = rec.acts
+        if grad:
+            keys = list(rec.acts)
+            g = torch.autograd.grad(metric(logits, batch).sum(), [rec.acts[k] for k in keys],
+                                    retain_graph=retain_graph, allow_unused=True)
+            grads[which] = {k: torch.zeros_like(rec.acts[k]) if gk is None else gk
+                            for k, gk in zip(keys, g, strict=True)}
+    return acts, grads
+
+
+def atp_scores(w: Weights, batch: PromptBatch, kinds: tuple[str, ...] = ATP_KINDS,
+               directions: tuple[str, ...] = ("denoise",), metric: Metric = final_logit_diff,
+               rules: frozenset[str] | None = None) -> dict[tuple[str, str], tuple[Tensor, tuple[str, ...]]]:
+    """AtP (``rules`` None) or RelP (LRP ``rules``) on any engine weights: ``{(direction, kind): (scores,
+    axes)}``, per prompt and position: ``atp_forwards`` then ``contract_nodes`` per kind."""
+    acts, grads = atp_forwards(w, batch, kinds, directions, metric, rules)
+    out = {}
+    with torch.no_grad():
+        for d in directions:
+            run, patch = RUN_AND_PATCH[d]
+            for kind in kinds:
+                out[(d, kind)] = contract_nodes(kind, grads[run], acts[run], acts[patch], w.n_layers)
+    return out
+
+
 # --------------------------------------------------------------------------------------- the EAP loop
 
 def edge_axes(per_prompt: bool, per_position: bool) -> tuple[str, ...]:
@@ -228,12 +327,13 @@ TargetGrads = list[Float[Tensor, "rows pos dst d_model"]]
 
 def target_grads(w: Weights, tokens: Int[Tensor, "rows pos"], answer_pos: Int[Tensor, " rows"],
                  answer_ids: Int[Tensor, " batch"], wrong_ids: Int[Tensor, " batch"],
-                 embed: Callable[[Tensor], Tensor] | None = None
+                 embed: Callable[[Tensor], Tensor] | None = None, rules: frozenset[str] | None = None,
                  ) -> tuple[Float[Tensor, "rows pos src d_model"], TargetGrads]:
     """Step 2: the source writes of a run and ∂metric/∂(input of every target), one block per layer.
 
-    ``embed`` optionally replaces the token embedding (EAP-IG interpolates it). Block ``L`` holds the
-    targets ``EdgeGraph.dst_block(L)`` (q heads, k heads, v heads, mlp_in); the last block is logits."""
+    ``embed`` optionally replaces the token embedding (EAP-IG interpolates it); ``rules``: the engine's LRP
+    rules for the backward (edge RelP). Block ``L`` holds the targets ``EdgeGraph.dst_block(L)`` (q heads,
+    k heads, v heads, mlp_in); the last block is logits."""
     dst_sites = (*QKV_INPUT_SITES, DST_INPUT_SITE["mlp_in"])
 
     def replace_embed(kind: str, layer: int, x: Tensor) -> Tensor:
@@ -243,7 +343,7 @@ def target_grads(w: Weights, tokens: Int[Tensor, "rows pos"], answer_pos: Int[Te
 
     rec = Recorder((*SRC_SITES, *dst_sites, "logits"), inner=replace_embed, leaves=True)
     with torch.enable_grad():
-        diff = forward(w, tokens, answer_pos, rec, split=True, diff=(answer_ids, wrong_ids))
+        diff = forward(w, tokens, answer_pos, rec, split=True, diff=(answer_ids, wrong_ids), rules=rules)
         sites = [rec.acts[(s, layer)] for layer in range(w.n_layers) for s in dst_sites]
         sites.append(rec.acts[("logits", w.n_layers)])
         grads = torch.autograd.grad(diff.sum(), sites)
@@ -382,6 +482,40 @@ def node_rows(w: Work, per_prompt: bool, per_position: bool, cells: int, pattern
     return cells * sum(per)
 
 
+def node_cells(shape: ModelShape, kind: str) -> int:
+    """Components of one kind (layers × heads …), positions aside."""
+    if kind in EMBED_KINDS:
+        return 1
+    if kind in (*HEAD_VECTOR_KINDS, "head_pattern"):
+        return shape.n_layers * shape.n_heads
+    return shape.n_layers
+
+
+def site_bytes(w: Work, kinds: tuple[str, ...]) -> int:
+    """Bytes of the recorded sites of one run over the shard (the pattern is [head, pos, pos] per layer)."""
+    S, n, P = w.shape, w.n, w.P
+    per = 0
+    for kind in kinds:
+        if kind == "head_pattern":
+            per += S.n_layers * S.n_heads * P * P
+        else:
+            per += node_cells(S, kind) * P * (S.d_head if kind in HEAD_VECTOR_KINDS else S.d_model)
+    return w.dtype_bytes * n * per
+
+
+def atp_cost(w: Work, cfg, kinds: tuple[str, ...], backwards: float = 1.0, sites: tuple[str, ...] | None = None,
+             ) -> Cost:
+    """The cost of the AtP passes: rows of ``kinds`` per direction, two forwards and ``backwards`` backwards
+    (each ~2 forwards) per differentiated run, the recorded ``sites`` (default ``kinds``) of both runs and
+    their gradients, and the run's graph."""
+    rows = len(cfg.directions) * sum(node_rows(w, cfg.per_prompt, cfg.per_position, node_cells(w.shape, k),
+                                               pattern=k == "head_pattern") for k in kinds)
+    n_grad = len({RUN_AND_PATCH[d][0] for d in cfg.directions})
+    flops = forward_flops(w.shape, w.n, w.P) * (2 + 2 * backwards * n_grad)
+    fixed = site_bytes(w, sites or kinds) * (2 + n_grad) \
+        + n_grad * w.n * activation_bytes(w.shape, w.P, w.dtype_bytes, True)
+    return Cost({"nodes": rows}, forward_rows=w.n * (2 + 2 * backwards * n_grad), flops=flops, fixed_bytes=fixed,
+                peak_bytes=fixed)
 
 
 def edge_rows(w: Work, n_edges: int, per_prompt: bool, per_position: bool) -> int:
