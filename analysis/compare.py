@@ -53,89 +53,97 @@ COLUMNS = (*GROUP, "n_params_m", "d_model", "n_scores", "pearson", "spearman", "
            "sign_agreement")
 
 
-def _row_id(key: tuple[str, ...]) -> str:
-    return "concat_ws('|', " + ", ".join(f"coalesce(CAST({c} AS VARCHAR), '-')" for c in key) + ")"
-
-
-def pairs_sql(con: duckdb.DuckDBPyConnection) -> str:
-    """Step 1: one relation of (GROUP…, layer, score, exact, rid) over the node and edge pair views present."""
-    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
-    parts = []
-    if "node_pairs" in views:
-        parts.append("SELECT 'nodes' AS level, model, task, component AS kind, direction, method, reference, "
-                     f"granularity, layer, score, exact, {_row_id(NODE_KEY)} AS rid FROM node_pairs")
-    if "edge_pairs" in views:
-        parts.append("SELECT 'edges' AS level, model, task, src_component || '->' || dst_component AS kind, "
-                     "direction, method, reference, granularity, dst_layer AS layer, score, exact, "
-                     f"{_row_id(EDGE_KEY)} AS rid FROM edge_pairs")
+def materialize(res: Results) -> list[dict]:
+    """Step 1: every pair of every group into one DuckDB table ``_pairs (gid, layer, score, exact, rid)`` — a
+    small integer group id, and a hash of the pair's index columns (deterministic ties and sampling) — so the
+    statistics sort numbers, not strings. Returns the groups, in gid order."""
+    parts = [*res.pairs.get("nodes", []), *res.pairs.get("edges", [])]
     if not parts:
         raise ResultsError("nothing to compare: the root has no approximation beside an exact method "
                            "(run a method such as attribution with activation, or edge_attribution with "
                            "edge_activation)")
-    return " UNION ALL ".join(parts)
+    selects = []
+    for gid, p in enumerate(parts):
+        key = NODE_KEY if p.level == "nodes" else EDGE_KEY
+        cols = [c for c in key if c != "direction"]
+        layer = "layer" if p.level == "nodes" else "dst_layer"
+        selects.append(f"SELECT {gid}::INTEGER AS gid, {layer}::SMALLINT AS layer, score::DOUBLE AS score, "
+                       f"exact::DOUBLE AS exact, hash({', '.join(cols)}) AS rid FROM ({p.sql})")
+    res.con.execute("CREATE OR REPLACE TEMP TABLE _pairs AS " + " UNION ALL ".join(selects))
+    return [p.group for p in parts]
 
 
-def stats_sql(pairs: str) -> str:
-    """Step 2: the statistics of each group, all in DuckDB (window functions for ranks and top-k)."""
-    g = ", ".join(GROUP)
-    return f"""
-WITH p AS ({pairs}), r AS (
-    SELECT *,
-        rank() OVER (PARTITION BY {g} ORDER BY score)
-            + (count(*) OVER (PARTITION BY {g}, score) - 1) / 2.0 AS rank_score,
-        rank() OVER (PARTITION BY {g} ORDER BY exact)
-            + (count(*) OVER (PARTITION BY {g}, exact) - 1) / 2.0 AS rank_exact,
-        row_number() OVER (PARTITION BY {g} ORDER BY abs(score) DESC, rid) AS top_score,
-        row_number() OVER (PARTITION BY {g} ORDER BY abs(exact) DESC, rid) AS top_exact,
-        count(*) OVER (PARTITION BY {g}) AS n
-    FROM p
-), k AS (
-    SELECT *, least({TOP_K}, n) AS k1, greatest(1, CAST(ceil({TOP_FRACTION} * n - 1e-9) AS BIGINT)) AS k2 FROM r
+STATS_SQL = """
+WITH r AS (
+    SELECT gid, score, exact,
+        -- average ranks (ties share their mean rank): (lowest rank + highest rank) / 2 of each value's peers
+        (rank() OVER ws + count(*) OVER (ws RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)) / 2.0 AS rank_score,
+        (rank() OVER we + count(*) OVER (we RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)) / 2.0 AS rank_exact
+    FROM _pairs
+    WINDOW ws AS (PARTITION BY gid ORDER BY score), we AS (PARTITION BY gid ORDER BY exact)
 )
-SELECT {g}, count(*) AS n_scores, corr(score, exact) AS pearson, corr(rank_score, rank_exact) AS spearman,
-    count(*) FILTER (WHERE top_score <= k1 AND top_exact <= k1) / any_value(k1) AS recall_top10,
-    count(*) FILTER (WHERE top_score <= k2 AND top_exact <= k2) / any_value(k2) AS recall_top5pct,
+SELECT gid, count(*) AS n_scores, corr(score, exact) AS pearson, corr(rank_score, rank_exact) AS spearman,
     avg(CASE WHEN sign(score) = sign(exact) THEN 1.0 ELSE 0.0 END) AS sign_agreement
-FROM k GROUP BY {g}
+FROM r GROUP BY gid
 """
 
 
-def sample_sql(pairs: str, counts: str, per_facet: int = SCATTER_POINTS) -> str:
-    """Step 3: at most ``per_facet`` pairs per group, chosen by the hash of the pair's index: a cheap hash
-    filter keeps ~2× the points (one pass, no sort of the whole table), then the lowest hashes are kept."""
-    g = ", ".join(GROUP)
+def topk_sql(k_max: int) -> str:
+    """Top-k recall without sorting every pair: each group's ``k_max`` largest |score| and |exact| (ties to the
+    smaller index hash) kept in a bounded heap (``max_by``), then sliced to the group's own k."""
     return f"""
-WITH c AS ({counts}), p AS ({pairs}), thin AS (
-    SELECT p.*, hash(p.rid) AS h FROM p JOIN c USING ({g})
-    WHERE hash(p.rid) % greatest(1, c.n_scores // {2 * per_facet}) = 0
+WITH t AS (
+    SELECT gid, count(*) AS n,
+        max_by(rid, {{'a': abs(score), 'r': -(rid::HUGEINT)}}, {k_max}) AS top_score,
+        max_by(rid, {{'a': abs(exact), 'r': -(rid::HUGEINT)}}, {k_max}) AS top_exact
+    FROM _pairs GROUP BY gid
+), k AS (
+    SELECT *, least({TOP_K}, n) AS k1, greatest(1, CAST(ceil({TOP_FRACTION} * n - 1e-9) AS BIGINT)) AS k2 FROM t
 )
-SELECT {g}, layer, score, exact FROM thin
-QUALIFY row_number() OVER (PARTITION BY {g} ORDER BY h) <= {per_facet}
+SELECT gid,
+    len(list_intersect(top_score[1:k1], top_exact[1:k1])) / k1 AS recall_top10,
+    len(list_intersect(top_score[1:k2], top_exact[1:k2])) / k2 AS recall_top5pct
+FROM k
 """
 
 
 def compare(root: str | Path | ResultsRoot, exact: set[str] | None = None, memory_limit: str | None = MEMORY_LIMIT,
             temp_directory: str | None = None) -> tuple[pd.DataFrame, Results]:
-    """Steps 1–2: the comparison table (columns ``COLUMNS``) and the opened root it came from."""
+    """Steps 1–2: the comparison table (columns ``COLUMNS``) and the opened root it came from (with the
+    materialised ``_pairs`` table that ``sample_points`` reads)."""
     res = open_root(root, exact=exact, memory_limit=memory_limit,
                     temp_directory=temp_directory or tempfile.gettempdir())
-    df = res.con.execute(stats_sql(pairs_sql(res.con))).df()
+    groups = pd.DataFrame(materialize(res))
+    groups["gid"] = range(len(groups))
+    stats = res.con.execute(STATS_SQL).df()
+    n_max = int(stats["n_scores"].max()) if len(stats) else 1
+    k_max = max(TOP_K, math.ceil(TOP_FRACTION * n_max))
+    top = res.con.execute(topk_sql(k_max)).df()
+    df = groups.merge(stats, on="gid").merge(top, on="gid")
     sizes = model_sizes(res.root, sorted(df["model"].unique()) if len(df) else [])
     df["n_params_m"] = df["model"].map(lambda m: sizes[m][0]).astype(float)
     df["d_model"] = df["model"].map(lambda m: sizes[m][1]).astype(float)
     df = df.sort_values(["level", "model", "task", "method", "reference", "granularity", "direction", "kind"])
+    res.groups = groups
     return df[list(COLUMNS)].reset_index(drop=True), res
 
 
+SAMPLE_SQL = """
+WITH c AS (SELECT gid, count(*) AS n FROM _pairs GROUP BY gid)
+SELECT gid, layer, score, exact FROM _pairs JOIN c USING (gid)
+WHERE rid % greatest(1, n // {thin}) = 0
+QUALIFY row_number() OVER (PARTITION BY gid ORDER BY rid) <= {per_facet}
+"""
+
+
 def sample_points(res: Results, df: pd.DataFrame, per_facet: int = SCATTER_POINTS) -> pd.DataFrame:
-    """Step 3 for the groups of ``df``: (GROUP…, layer, score, exact), at most ``per_facet`` rows per group."""
+    """Step 3 for the groups of ``df``: (GROUP…, layer, score, exact), at most ``per_facet`` rows per group:
+    a hash filter keeps ~2× the points in one pass (no sort of the whole table), then the lowest hashes."""
     if df.empty:
         return pd.DataFrame(columns=[*GROUP, "layer", "score", "exact"])
-    res.con.register("_counts", df[[*GROUP, "n_scores"]])
-    try:
-        return res.con.execute(sample_sql(pairs_sql(res.con), "SELECT * FROM _counts", per_facet)).df()
-    finally:
-        res.con.unregister("_counts")
+    pts = res.con.execute(SAMPLE_SQL.format(thin=2 * per_facet, per_facet=per_facet)).df()
+    wanted = res.groups.merge(df[list(GROUP)], on=list(GROUP))
+    return pts.merge(wanted, on="gid")[[*GROUP, "layer", "score", "exact"]]
 
 
 def to_markdown(df: pd.DataFrame) -> str:

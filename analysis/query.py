@@ -9,12 +9,12 @@ directory holds Parquet parts; the Hive partitions ``model``, ``task``, ``method
 * ``nodes``, ``edges``, ``prompts`` — the tables of the results contract (``attrpatch.results``);
 * one view per extra table directory (e.g. ``faithfulness``), read the same way;
 * ``node_pairs`` / ``edge_pairs`` — every approximation beside every exact method of its table (``score``,
-  ``exact``, ``reference``), see ``pair_sql``;
+  ``exact``, ``reference``, ``granularity``), see ``pair_parts``;
 * ``faithfulness_curves`` — faithfulness pooled over prompt shards, with CPR and CMD per curve;
 * ``models`` — ``model``, ``n_params_m``, ``d_model`` per model (the sweep manifest first, then the registry,
   then a local checkpoint the manifest names; NULL when unknown).
 
-Pairing (``pair_sql``), per (approximation, exact method, direction, component kind):
+Pairing (``pair_parts``), per (model, task, approximation, exact method, direction, component kind):
 
 1. Pool each method over shards: rows sharing every key column get the ``n_prompts``-weighted mean of
    ``score`` (per-prompt rows are unchanged; shard means of several shards become one mean).
@@ -38,7 +38,7 @@ import pandas as pd
 from attrpatch.errors import ResultsError
 from attrpatch.results import EDGE_KEY, NODE_KEY, ResultsRoot
 
-__all__ = ["ResultsError", "open_results", "pair_sql", "model_sizes", "Results"]
+__all__ = ["ResultsError", "open_results", "pair_parts", "model_sizes", "Results"]
 
 PARTITIONS = ("model", "task")
 NODE_IDENTITY = ("component", "layer", "head")  # which component (besides direction and the axes)
@@ -55,6 +55,12 @@ class Results:
     con: duckdb.DuckDBPyConnection
     root: ResultsRoot
     tables: list[str]
+    pairs: dict[str, list] = None  # table → its PairPart groups
+    groups: object = None  # analysis.compare: the groups of the materialised pairs (gid → columns)
+
+    def __post_init__(self) -> None:
+        if self.pairs is None:
+            self.pairs = {}
 
 
 def _granularity(axes: tuple[str, ...], present: tuple[bool, ...]) -> str:
@@ -62,55 +68,91 @@ def _granularity(axes: tuple[str, ...], present: tuple[bool, ...]) -> str:
     return "×".join(kept) if kept else "mean"
 
 
-def _side_sql(table: str, method: str, direction: str, kind_filter: str, have: tuple[bool, ...],
-              target: tuple[bool, ...]) -> str:
-    """Step 2 for one side: the pooled rows of one granularity, aggregated to ``target`` (present axes)."""
+def _side_sql(table: str, where: str, have: tuple[bool, ...], target: tuple[bool, ...]) -> str:
+    """Step 2 for one side: its pooled rows of one granularity (``where`` picks method, direction, kind, model,
+    task), aggregated to ``target`` (present axes); rows already at the target pass through unaggregated (the
+    common case, and the large one)."""
     axes, ident = AXES[table], IDENTITY[table]
     sig = " AND ".join(f"{a} IS {'NOT ' if h else ''}NULL" for a, h in zip(axes, have, strict=True))
+    if have == target:
+        return f"SELECT {', '.join((*ident, *axes))}, score, n_prompts FROM _pooled_{table} WHERE {where} AND {sig}"
     keep_pos = [a for a, t in zip(axes, target, strict=True) if t and a != "prompt"]
-    inner_cols = ", ".join((*PARTITIONS, "direction", *ident, *keep_pos, "prompt"))
-    outer_keep = [*keep_pos, *(["prompt"] if target[0] else [])]
-    outer_cols = ", ".join((*PARTITIONS, "direction", *ident, *outer_keep))
-    nulls = ", ".join(f"NULL::{'INTEGER' if a == 'prompt' else 'SMALLINT'} AS {a}" for a, t in zip(axes, target, strict=True) if not t)
-    select_extra = (", " + nulls) if nulls else ""
-    m = method.replace("'", "''")
-    return (f"SELECT {outer_cols}{select_extra}, sum(s * n) / sum(n) AS score, sum(n) AS n_prompts FROM ("
-            f"SELECT {inner_cols}, sum(score) AS s, any_value(n_prompts) AS n FROM _pooled_{table} "
-            f"WHERE method = '{m}' AND direction = '{direction}' AND {kind_filter} AND {sig} "
-            f"GROUP BY {inner_cols}) GROUP BY {outer_cols}")
+    inner_cols = ", ".join((*ident, *keep_pos, "prompt"))
+    outer_cols = ", ".join((*ident, *keep_pos, *(["prompt"] if target[0] else [])))
+    nulls = ", ".join(f"NULL::{'INTEGER' if a == 'prompt' else 'SMALLINT'} AS {a}"
+                      for a, t in zip(axes, target, strict=True) if not t)
+    return (f"SELECT {outer_cols}{', ' + nulls if nulls else ''}, sum(s * n) / sum(n) AS score, sum(n) AS n_prompts "
+            f"FROM (SELECT {inner_cols}, sum(score) AS s, any_value(n_prompts) AS n FROM _pooled_{table} "
+            f"WHERE {where} AND {sig} GROUP BY {inner_cols}) GROUP BY {outer_cols}")
 
 
-def pair_sql(con: duckdb.DuckDBPyConnection, table: str, exact: set[str]) -> str | None:
-    """SQL of every (approximation, exact) pair of ``table`` (steps 2–3 of the module docstring); None when
-    nothing pairs. Expects the view ``_pooled_<table>`` (step 1)."""
+@dataclass(frozen=True)
+class PairPart:
+    """One comparison group: an approximation beside an exact method for one model, task, direction, kind and
+    granularity. ``sql`` selects the identity and axis columns, ``score``, ``exact`` and ``n_prompts``."""
+
+    level: str
+    model: str
+    task: str
+    kind: str
+    direction: str
+    method: str
+    reference: str
+    granularity: str
+    sql: str
+
+    @property
+    def group(self) -> dict:
+        return {k: getattr(self, k) for k in ("level", "model", "task", "kind", "direction", "method", "reference",
+                                              "granularity")}
+
+
+def _q(value: str) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def pair_parts(con: duckdb.DuckDBPyConnection, table: str, exact: set[str]) -> list[PairPart]:
+    """Every (approximation, exact) group of ``table`` (steps 2–3 of the module docstring). Expects the view
+    ``_pooled_<table>`` (step 1)."""
     axes, ident = AXES[table], IDENTITY[table]
     kind = KIND[table]
     flags = ", ".join(f"{a} IS NOT NULL" for a in axes)
-    sigs = con.execute(f"SELECT DISTINCT method, direction, {kind} AS kind, {flags} FROM _pooled_{table}").fetchall()
+    sigs = con.execute(f"SELECT DISTINCT model, task, method, direction, {kind} AS kind, {flags} "
+                       f"FROM _pooled_{table}").fetchall()
     by: dict[tuple, set[tuple]] = {}
-    for method, direction, k, *present in sigs:
-        by.setdefault((method, direction, k), set()).add(tuple(present))
+    for model, task, method, direction, k, *present in sigs:
+        by.setdefault((model, task, direction, k, method), set()).add(tuple(present))
     parts = []
-    for (ref, direction, k), ref_sigs in sorted(by.items()):
+    for (model, task, direction, k, ref), ref_sigs in sorted(by.items()):
         if ref not in exact:
             continue
-        for (method, d2, k2), approx_sigs in sorted(by.items()):
-            if method in exact or (d2, k2) != (direction, k):
+        for (m2, t2, d2, k2, method), approx_sigs in sorted(by.items()):
+            if method in exact or (m2, t2, d2, k2) != (model, task, direction, k):
                 continue
             for ge in sorted(ref_sigs):
                 # the approximation's granularity sharing most axes with the exact one (finer wins ties)
                 ga = max(sorted(approx_sigs), key=lambda g, ge=ge: (sum(a == b for a, b in zip(g, ge, strict=True)),
                                                                     sum(g)))
                 target = tuple(a and b for a, b in zip(ga, ge, strict=True))
-                kf = f"{kind} = '{k}'"
-                a_sql = _side_sql(table, method, direction, kf, ga, target)
-                e_sql = _side_sql(table, ref, direction, kf, ge, target)
-                on = " AND ".join(f"a.{c} IS NOT DISTINCT FROM e.{c}" for c in (*PARTITIONS, "direction", *ident, *axes))
-                cols = ", ".join(f"a.{c}" for c in (*PARTITIONS, "direction", *ident, *axes))
-                parts.append(f"SELECT {cols}, '{method}' AS method, '{ref}' AS reference, "
-                             f"'{_granularity(axes, target)}' AS granularity, a.score AS score, e.score AS exact, "
-                             f"a.n_prompts AS n_prompts FROM ({a_sql}) a JOIN ({e_sql}) e ON {on}")
-    return " UNION ALL ".join(parts) if parts else None
+                base = f"model = {_q(model)} AND task = {_q(task)} AND direction = {_q(direction)} AND {kind} = {_q(k)}"
+                a_sql = _side_sql(table, f"{base} AND method = {_q(method)}", ga, target)
+                e_sql = _side_sql(table, f"{base} AND method = {_q(ref)}", ge, target)
+                keys = (*ident, *(a for a, t in zip(axes, target, strict=True) if t))
+                on = " AND ".join(f"a.{c} IS NOT DISTINCT FROM e.{c}" for c in keys)
+                cols = ", ".join(f"a.{c}" for c in (*ident, *axes))
+                parts.append(PairPart(table, model, task, k, direction, method, ref, _granularity(axes, target),
+                                      f"SELECT {cols}, a.score AS score, e.score AS exact, a.n_prompts AS n_prompts "
+                                      f"FROM ({a_sql}) a JOIN ({e_sql}) e ON {on}"))
+    return parts
+
+
+def pairs_view_sql(parts: list[PairPart]) -> str:
+    """The user-facing view: every part with its group's columns (model, task, direction, method, reference,
+    granularity) before the identity and axis columns, ``score``, ``exact`` and ``n_prompts``."""
+    return " UNION ALL ".join(
+        f"SELECT {_q(p.model)} AS model, {_q(p.task)} AS task, {_q(p.direction)} AS direction, "
+        f"{_q(p.method)} AS method, {_q(p.reference)} AS reference, {_q(p.granularity)} AS granularity, * "
+        f"FROM ({p.sql})" for p in parts)
 
 
 FAITHFULNESS_CURVES_SQL = """
@@ -207,6 +249,7 @@ def open_root(root: str | Path | ResultsRoot, con: duckdb.DuckDBPyConnection | N
         con.execute(f"SET temp_directory = '{temp_directory}'")
     for t in tables:
         _register(con, root, t)
+    results = Results(con, root, tables)
     methods: set[str] = set()
     for table in ("nodes", "edges"):
         if table in tables:
@@ -216,12 +259,15 @@ def open_root(root: str | Path | ResultsRoot, con: duckdb.DuckDBPyConnection | N
         if table not in tables:
             continue
         cols = ", ".join((*PARTITIONS, "method", *key))
-        con.execute(f"CREATE OR REPLACE VIEW _pooled_{table} AS SELECT {cols}, "
-                    f"sum(score * n_prompts) / sum(n_prompts) AS score, sum(n_prompts) AS n_prompts "
-                    f"FROM {table} GROUP BY {cols}")
-        sql = pair_sql(con, table, refs)
-        if sql is not None:
-            con.execute(f"CREATE OR REPLACE VIEW {view} AS {sql}")
+        # per-prompt rows are unique per key already; only shard means (prompt null) pool across shards
+        con.execute(f"CREATE OR REPLACE VIEW _pooled_{table} AS "
+                    f"SELECT {cols}, score, n_prompts FROM {table} WHERE prompt IS NOT NULL UNION ALL "
+                    f"SELECT {cols}, sum(score * n_prompts) / sum(n_prompts) AS score, sum(n_prompts) AS n_prompts "
+                    f"FROM {table} WHERE prompt IS NULL GROUP BY {cols}")
+        parts = pair_parts(con, table, refs)
+        results.pairs[table] = parts
+        if parts:
+            con.execute(f"CREATE OR REPLACE VIEW {view} AS {pairs_view_sql(parts)}")
     models = sorted({r[0] for t in tables for r in con.execute(f"SELECT DISTINCT model FROM {t}").fetchall()})
     sizes = model_sizes(root, models)
     frame = pd.DataFrame({"model": pd.Series(models, dtype=object),
@@ -232,7 +278,7 @@ def open_root(root: str | Path | ResultsRoot, con: duckdb.DuckDBPyConnection | N
     con.unregister("_models_frame")
     if "faithfulness" in tables:
         con.execute(f"CREATE OR REPLACE VIEW faithfulness_curves AS {FAITHFULNESS_CURVES_SQL}")
-    return Results(con, root, tables)
+    return results
 
 
 def _register(con: duckdb.DuckDBPyConnection, root: ResultsRoot, table: str) -> None:
