@@ -37,10 +37,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from attrpatch.components import QKV_INPUT_SITES
-from attrpatch.engine import Recorder, Weights, forward
+from attrpatch.engine import Weights, forward
 from attrpatch.errors import ConfigError
-from attrpatch.graph import SRC_SITES, EdgeGraph, head_writes, source_writes
-from attrpatch.methods.core import acc_dtype, rows_per_pass
+from attrpatch.graph import EdgeGraph, head_writes
+from attrpatch.methods.core import acc_dtype, rows_per_pass, run_sources
 from attrpatch.scores import EdgeIndex
 from attrpatch.tasks import PromptBatch
 
@@ -49,15 +49,6 @@ ABLATIONS = ("patch", "mean")
 
 class CircuitError(ConfigError):
     """A circuit or edge index that cannot be evaluated; the message says how to fix it."""
-
-
-@torch.no_grad()
-def ablated_writes(w: Weights, tokens: Int[Tensor, "batch pos"], answer_pos: Int[Tensor, " batch"]
-                   ) -> Float[Tensor, "batch pos src d_model"]:
-    """Step 1: every source's write on the ablation input, in graph order."""
-    rec = Recorder(SRC_SITES)
-    forward(w, tokens, answer_pos, rec)
-    return source_writes(w, rec.acts)
 
 
 def template_mean(writes: Float[Tensor, "batch pos src d_model"], batch: PromptBatch
@@ -148,7 +139,7 @@ def circuit_metric(w: Weights, index: EdgeIndex, circuits: Bool[Tensor, "circuit
     circuits = circuits[:, src_at][:, :, dst_at]
     valid = index.valid[src_at][:, dst_at].to(w.device)
     ablate = (valid[None] & ~circuits.to(device=w.device, dtype=torch.bool)).to(w.resid_dtype)
-    abl = ablated_writes(w, batch.corrupt_tokens.to(w.device), batch.answer_pos)
+    abl = run_sources(w, batch.corrupt_tokens.to(w.device), batch.answer_pos)
     if ablation == "mean":
         abl = template_mean(abl, batch)
     rows = rows_per_pass(bytes_per_row(w, graph.n_src, batch.n_pos), max_rows, w.device)

@@ -26,7 +26,6 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
-import importlib.metadata
 import logging
 import math
 import os
@@ -42,7 +41,7 @@ from attrpatch.errors import ConfigError, ResultsError, RunError
 from attrpatch.models import model_shape
 from attrpatch.results import ResultsRoot, parse_record_path
 from sweeps.config import SweepConfig
-from sweeps.fingerprint import changed_keys
+from sweeps.fingerprint import changed_keys, versions
 from sweeps.grid import Cell, ModelEntry
 from sweeps.lock import RootLock
 from sweeps.plan import Plan, calibrate, check, make_plan, render, summary_line
@@ -141,13 +140,7 @@ def local_resources(cfg: SweepConfig) -> dict:
 # ---------------------------------------------------------------- the manifest
 
 def _versions() -> dict:
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in PACKAGES:
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return {"python": platform.python_version(), "platform": platform.platform(), **versions(PACKAGES)}
 
 
 def _git() -> dict:

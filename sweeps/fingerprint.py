@@ -35,9 +35,10 @@ SCORING_PACKAGES = ("attrpatch", "torch", "transformers", "transformer-lens")
 _CACHE = Path(os.environ.get("ATTRPATCH_CACHE", Path.home() / ".cache" / "attrpatch")) / "file-hashes.json"
 
 
-def versions() -> dict[str, str | None]:
+def versions(packages: tuple[str, ...] = SCORING_PACKAGES) -> dict[str, str | None]:
+    """Installed versions of ``packages`` (None: not installed)."""
     out = {}
-    for pkg in SCORING_PACKAGES:
+    for pkg in packages:
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:

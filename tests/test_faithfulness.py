@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from attrpatch import make_batch
-from attrpatch.circuits import CircuitError, ablated_writes, circuit_metric, template_mean
+from attrpatch.circuits import CircuitError, circuit_metric, template_mean
 from attrpatch.components import Node
 from attrpatch.engine import forward, layer_norm, run_with_acts, weights
 from attrpatch.methods import MethodConfig, MethodError, method_config, run_method
+from attrpatch.methods.core import run_sources
 from attrpatch.methods.faithfulness import (
     FAITHFULNESS_SCHEMA,
     K_PERCENT,
@@ -118,7 +119,7 @@ def test_circuits_match_literal_reference(tiny, ioi):
     g = torch.Generator().manual_seed(0)
     circuits = torch.rand(4, *index.valid.shape, generator=g) < torch.tensor([0.0, 0.2, 0.7, 1.0])[:, None, None]
     ours = circuit_metric(w, index, circuits, ioi, max_rows=7)  # 4 circuits × 5 prompts in chunks
-    abl = in_index_order(w, index, ablated_writes(w, ioi.corrupt_tokens, ioi.answer_pos))
+    abl = in_index_order(w, index, run_sources(w, ioi.corrupt_tokens, ioi.answer_pos))
     for c in range(len(circuits)):
         ref = literal_metric(w, index, circuits[c], ioi, abl)
         torch.testing.assert_close(ours[c], ref, atol=1e-4, rtol=1e-4)
@@ -239,7 +240,7 @@ def test_edge_graph_order_matches_literal_reference(tiny, ioi):
     index = EdgeGraph.of(w).index()
     circuits = torch.rand(2, *index.valid.shape, generator=torch.Generator().manual_seed(5)) < 0.4
     ours = circuit_metric(w, index, circuits, ioi)
-    abl = in_index_order(w, index, ablated_writes(w, ioi.corrupt_tokens, ioi.answer_pos))
+    abl = in_index_order(w, index, run_sources(w, ioi.corrupt_tokens, ioi.answer_pos))
     for c in range(2):
         torch.testing.assert_close(ours[c], literal_metric(w, index, circuits[c], ioi, abl), atol=1e-4, rtol=1e-4)
 

@@ -48,7 +48,7 @@ def ckpts(tmp_path_factory):
     return [save_random_gpt2(base / name, seed=1, **SHAPES[name]) for name in sorted(SHAPES)]
 
 
-def _cfg(root, models, methods, n_prompts=8, shard_size=4, sleep_s=0.0, wandb="disabled", overrides=None,
+def _cfg(root, models, methods, n_prompts=8, shard_size=4, sleep_s=0.0, wandb="disabled", overrides=None, plots=False,
          **method_kw) -> SweepConfig:
     slow = {m: {"sleep_s": sleep_s} for m in (ATP, EXACT) if m in methods and sleep_s}
     return SweepConfig(
@@ -56,7 +56,7 @@ def _cfg(root, models, methods, n_prompts=8, shard_size=4, sleep_s=0.0, wandb="d
         task=TaskOptions(n_prompts=n_prompts, shard_size=shard_size, seed=3),
         method=MethodOptions(overrides={**slow, **(overrides or {})}, **method_kw),
         cluster=ClusterOptions(max_restarts=3, max_task_retries=3),
-        wandb=WandbOptions(mode=wandb), output=OutputOptions(root=str(root), progress=False),
+        wandb=WandbOptions(mode=wandb), output=OutputOptions(root=str(root), progress=False, plots=plots),
     )
 
 
@@ -106,7 +106,7 @@ def test_two_models_all_families_end_to_end(ray_session, ckpts, tmp_path):
     """Two models × node and edge methods from one call: rows, values, baselines, placement, plots, W&B."""
     root = tmp_path / "r"
     methods = (ATP, EXACT, "attribution", "activation", "edge_attribution", "edge_activation")
-    cfg = _cfg(root, ckpts, methods, wandb="offline", kinds=("resid_pre", "attn_out", "head_out"),
+    cfg = _cfg(root, ckpts, methods, wandb="offline", plots=True, kinds=("resid_pre", "attn_out", "head_out"),
                per_position=True, overrides={"edge_attribution": {"per_position": False},
                                               "edge_activation": {"per_position": False}})
     report = run_sweep(cfg)
