@@ -225,3 +225,17 @@ def test_method_options_and_kinds(tiny, batch):
         method_config("relp", rules=["ln", "epsilon"])
     edges = run_method("edge_relp", tiny, batch, method_config("edge_relp", per_position=False))
     assert edges.edges[0].axes == ("prompt", "src", "dst")
+
+
+def test_bfloat16_tracks_float32(tokenizer):
+    """The rules' backward under bfloat16 weights (the GELU ratio in float32): scores track float32's."""
+    from attrpatch import load_model
+
+    pair = load_model("ioi-tiny"), load_model("ioi-tiny", dtype="bfloat16")
+    batch = make_batch("ioi", tokenizer, n_prompts=6, seed=11)
+    cfg = method_config("relp", kinds=["resid_pre", "mlp_out", "head_out", "head_pattern"])
+    full, half = (run_method("relp", m, batch, cfg) for m in pair)
+    for a, b in zip(full.nodes, half.nodes, strict=True):
+        assert b.scores.dtype == torch.float32
+        x, y = a.scores.flatten().double(), b.scores.flatten().double()
+        assert torch.corrcoef(torch.stack([x, y]))[0, 1] > 0.999, a.component  # measured ≥ 0.9999
