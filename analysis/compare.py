@@ -56,7 +56,8 @@ COLUMNS = (*GROUP, "n_params_m", "d_model", "n_scores", "pearson", "spearman", "
 def materialize(res: Results) -> list[dict]:
     """Step 1: every pair of every group into one DuckDB table ``_pairs (gid, layer, score, exact, rid)`` — a
     small integer group id, and a hash of the pair's index columns (deterministic ties and sampling) — so the
-    statistics sort numbers, not strings. Returns the groups, in gid order."""
+    statistics sort numbers, not strings (every sort spills to disk past the memory limit). Returns the groups,
+    in gid order."""
     parts = [*res.pairs.get("nodes", []), *res.pairs.get("edges", [])]
     if not parts:
         raise ResultsError("nothing to compare: the root has no approximation beside an exact method "
@@ -88,22 +89,20 @@ FROM r GROUP BY gid
 """
 
 
-def topk_sql(k_max: int) -> str:
-    """Top-k recall without sorting every pair: each group's ``k_max`` largest |score| and |exact| (ties to the
-    smaller index hash) kept in a bounded heap (``max_by``), then sliced to the group's own k."""
-    return f"""
-WITH t AS (
-    SELECT gid, count(*) AS n,
-        max_by(rid, {{'a': abs(score), 'r': -(rid::HUGEINT)}}, {k_max}) AS top_score,
-        max_by(rid, {{'a': abs(exact), 'r': -(rid::HUGEINT)}}, {k_max}) AS top_exact
-    FROM _pairs GROUP BY gid
-), k AS (
-    SELECT *, least({TOP_K}, n) AS k1, greatest(1, CAST(ceil({TOP_FRACTION} * n - 1e-9) AS BIGINT)) AS k2 FROM t
+TOPK_SQL = """
+WITH k AS (
+    SELECT gid, least({top_k}, n_scores) AS k1, greatest(1, CAST(ceil({fraction} * n_scores - 1e-9) AS BIGINT)) AS k2
+    FROM _stats
+), r AS (
+    SELECT gid,
+        row_number() OVER (PARTITION BY gid ORDER BY abs(score) DESC, rid) AS top_score,
+        row_number() OVER (PARTITION BY gid ORDER BY abs(exact) DESC, rid) AS top_exact
+    FROM _pairs
 )
 SELECT gid,
-    len(list_intersect(top_score[1:k1], top_exact[1:k1])) / k1 AS recall_top10,
-    len(list_intersect(top_score[1:k2], top_exact[1:k2])) / k2 AS recall_top5pct
-FROM k
+    count(*) FILTER (WHERE top_score <= k1 AND top_exact <= k1) / any_value(k1) AS recall_top10,
+    count(*) FILTER (WHERE top_score <= k2 AND top_exact <= k2) / any_value(k2) AS recall_top5pct
+FROM r JOIN k USING (gid) GROUP BY gid
 """
 
 
@@ -116,9 +115,9 @@ def compare(root: str | Path | ResultsRoot, exact: set[str] | None = None, memor
     groups = pd.DataFrame(materialize(res))
     groups["gid"] = range(len(groups))
     stats = res.con.execute(STATS_SQL).df()
-    n_max = int(stats["n_scores"].max()) if len(stats) else 1
-    k_max = max(TOP_K, math.ceil(TOP_FRACTION * n_max))
-    top = res.con.execute(topk_sql(k_max)).df()
+    res.con.register("_stats", stats[["gid", "n_scores"]])
+    top = res.con.execute(TOPK_SQL.format(top_k=TOP_K, fraction=TOP_FRACTION)).df()
+    res.con.unregister("_stats")
     df = groups.merge(stats, on="gid").merge(top, on="gid")
     sizes = model_sizes(res.root, sorted(df["model"].unique()) if len(df) else [])
     df["n_params_m"] = df["model"].map(lambda m: sizes[m][0]).astype(float)
