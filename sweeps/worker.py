@@ -135,6 +135,8 @@ def _assigned(resource: str) -> float:
     try:
         import ray
 
+        if not ray.is_initialized():  # ray.get_runtime_context() would start a local Ray
+            return 0.0
         return float(ray.get_runtime_context().get_assigned_resources().get(resource, 0))
     except Exception:  # not inside Ray
         return 0.0
@@ -225,7 +227,8 @@ class ShardWorker:
         try:
             import ray
 
-            resources = dict(ray.get_runtime_context().get_assigned_resources())
+            if ray.is_initialized():  # ray.get_runtime_context() would start a local Ray
+                resources = dict(ray.get_runtime_context().get_assigned_resources())
         except Exception:  # not inside Ray
             pass
         return {"pid": os.getpid(), "host": socket.gethostname(), "node": _node_id(), "device": self.device,

@@ -4,6 +4,7 @@ each model fixture is parametrised over the shapes of ``attrpatch.testing.SHAPES
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -56,15 +57,32 @@ def tiny64(tiny_dir):
     return model
 
 
+_RAY_SESSION = False  # True while ray_session's Ray is up: the one Ray a test may leave running
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for every in-process sweep test. It declares one logical GPU (``num_gpus=1``): workers are
     placed with fractional GPUs exactly as on a GPU cluster, and each must notice that CUDA is absent."""
+    global _RAY_SESSION
     import ray
 
     # workers import the test plugin module by name, so they need this directory on their path
     here = os.path.dirname(os.path.abspath(__file__))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    _RAY_SESSION = True
     yield ray
+    _RAY_SESSION = False
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_ray(request):
+    """A test that leaves a Ray running in this process (e.g. through an API that starts one on first use, such as
+    ``ray.get_runtime_context()``) fails here, by name, instead of breaking ``ray_session`` for later tests."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and not _RAY_SESSION and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail(f"{request.node.nodeid} left a Ray instance running in the test process")
