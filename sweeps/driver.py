@@ -524,8 +524,8 @@ def prepare_plan(prep: Prepared) -> tuple[Plan, dict]:
     """Step 1's plan: calibrated time, worker counts and the guard rails (local resources before Ray)."""
     cfg = prep.cfg
     threads = int(cfg.model.num_cpus or 1)
-    rate = calibrate("cpu", threads)
-    plan = make_plan(cfg, prep.entries, prep.cells, prep.batches, rate)
+    rates = {e.name: calibrate(model_shape(e.spec), "cpu", threads) for e in prep.entries}
+    plan = make_plan(cfg, prep.entries, prep.cells, prep.batches, rates)
     resources = local_resources(cfg) if cfg.cluster.address is None else None
     capacity = {}
     for e in prep.entries:

@@ -97,7 +97,7 @@ def test_the_worker_memory_comes_from_the_plan(tmp_path):
     from sweeps.grid import expand
 
     cells = expand(cfg, entries, {t: len(b) for t, b in batches.items()})
-    plan = make_plan(cfg, entries, cells, batches, rate=1e10)
+    plan = make_plan(cfg, entries, cells, batches, rates={e.name: 1e10 for e in entries})
     peak = max(c.peak_bytes for c in plan.cells)
     assert worker_memory(entries[0], cfg, plan) == pytest.approx(1.2 * peak)
     fixed = SweepConfig(models=("gpt2-small",), model=ModelOptions(memory_gb=3))
