@@ -126,3 +126,24 @@ def batch_on(batch, device: torch.device):
 
     return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)
                                          if isinstance(getattr(batch, f.name), torch.Tensor)})
+
+
+def floor(w, batch) -> None:
+    """The benches' baseline: what any method that needs a clean forward, a corrupted forward and a backward
+    cannot go below. Engine fwd(clean, no grad) + fwd(corrupted) + one backward of the summed logit difference
+    to the token embeddings; no sites recorded, nothing scored. ``batch`` on ``w``'s device."""
+    from attrpatch.engine import forward
+    from attrpatch.metrics import final_logit_diff
+
+    with torch.no_grad():
+        forward(w, batch.clean_tokens, batch.answer_pos)
+    leaf = {}
+
+    def edit(kind, layer, x):
+        if kind == "embed":
+            x = leaf["embed"] = x.detach().requires_grad_(True)
+        return x
+
+    with torch.enable_grad():
+        logits = forward(w, batch.corrupt_tokens, batch.answer_pos, edit)
+        torch.autograd.grad(final_logit_diff(logits, batch).sum(), [leaf["embed"]])

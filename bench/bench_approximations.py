@@ -28,30 +28,14 @@ import time
 import torch
 
 from attrpatch import load_tokenizer, make_batch
-from attrpatch.engine import forward, random_weights
+from attrpatch.engine import random_weights
 from attrpatch.methods.atp_star import atp_star_scores
 from attrpatch.methods.core import ATP_KINDS, atp_scores
 from attrpatch.methods.relp import PAPER_RULES, relp_scores
-from attrpatch.metrics import final_logit_diff
 from attrpatch.models import ModelShape
-from attrpatch.testing import batch_on, bench_device, device_line, sync, write_json
+from attrpatch.testing import batch_on, bench_device, device_line, floor, sync, write_json
 
 GPT2_SMALL = ModelShape(n_layers=12, n_heads=12, d_model=768, d_mlp=3072, vocab=50257, n_ctx=1024)
-
-
-def floor(w, batch):
-    """fwd(clean, no grad) + fwd(corrupted) + one backward to the token embedding: no sites, no scores."""
-    with torch.no_grad():
-        forward(w, batch.clean_tokens, batch.answer_pos)
-    leaf = {}
-
-    def edit(kind, layer, x):
-        if kind == "embed":
-            x = leaf["embed"] = x.detach().requires_grad_(True)
-        return x
-
-    logits = forward(w, batch.corrupt_tokens, batch.answer_pos, edit)
-    return torch.autograd.grad(final_logit_diff(logits, batch).sum(), [leaf["embed"]])
 
 
 def interleaved(fns: dict, rounds: int, device) -> dict[str, list[float]]:

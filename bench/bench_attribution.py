@@ -42,10 +42,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from attrpatch import load_model, make_batch
 from attrpatch.components import hook_name
-from attrpatch.engine import forward, weights
+from attrpatch.engine import weights
 from attrpatch.methods import MethodConfig, run_method
-from attrpatch.metrics import final_logit_diff
-from attrpatch.testing import batch_on, bench_device, device_line, grad_through, sync, write_json
+from attrpatch.testing import batch_on, bench_device, device_line, floor, grad_through, sync, write_json
 
 
 def random_gpt2_small(path: str) -> str:
@@ -87,21 +86,6 @@ def tl(model, batch):
                                     lambda lg, ap=ap, a=a, wr=wr: lg[0, ap, a] - lg[0, ap, wr])
             scores.append(res.node_scores)
     return scores
-
-
-def floor_engine(model, batch):
-    w = weights(model)
-    with torch.no_grad():
-        forward(w, batch.clean_tokens, batch.answer_pos)
-    leaf = {}
-
-    def edit(kind, layer, x):
-        if kind == "embed":
-            x = leaf["embed"] = x.detach().requires_grad_(True)
-        return x
-
-    logits = forward(w, batch.corrupt_tokens, batch.answer_pos, edit)
-    return torch.autograd.grad(final_logit_diff(logits, batch).sum(), [leaf["embed"]])
 
 
 def floor_bridge(model, batch):
@@ -159,11 +143,11 @@ def main() -> None:
     print(device_line(device))
     print(f"model: 12 layers, d_model 768, 12 heads; batch {len(batch)} x {batch.n_pos} tokens; "
           f"torch threads {torch.get_num_threads()}")
-    ours(model, batch), floor_engine(model, on_dev), floor_bridge(model, on_dev)  # warm-up
-    fast, outs = interleaved({"engine": lambda: floor_engine(model, on_dev), "ours": lambda: ours(model, batch),
+    ours(model, batch), floor(weights(model), on_dev), floor_bridge(model, on_dev)  # warm-up
+    fast, outs = interleaved({"engine": lambda: floor(weights(model), on_dev), "ours": lambda: ours(model, batch),
                               "bridge": lambda: floor_bridge(model, on_dev)}, args.repeats, device)
     slow, tl_outs = interleaved({"ours": lambda: ours(model, batch), "tl": lambda: tl(model, on_dev),
-                                 "engine": lambda: floor_engine(model, on_dev)}, args.tl_repeats, device)
+                                 "engine": lambda: floor(weights(model), on_dev)}, args.tl_repeats, device)
     diff, top, count = compare(outs["ours"], tl_outs["tl"])
     med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
     ratio = lambda a, b, t: statistics.median(x / y for x, y in zip(t[a], t[b], strict=True))  # noqa: E731

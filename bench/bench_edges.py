@@ -48,12 +48,12 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from attrpatch import load_model, make_batch
 from attrpatch.components import Node
-from attrpatch.engine import forward, weights
+from attrpatch.engine import weights
 from attrpatch.graph import EdgeGraph
 from attrpatch.methods.core import edge_scores
 from attrpatch.methods.eap_ig import eap_ig_scores
 from attrpatch.methods.edge_activation import choose_edges, exact_edge_scores
-from attrpatch.testing import batch_on, bench_device, device_line, grad_through, sync, write_json
+from attrpatch.testing import batch_on, bench_device, device_line, floor, grad_through, sync, write_json
 
 DEVICE = torch.device("cpu")  # set by main (--device); every timer is read after sync(DEVICE)
 
@@ -71,28 +71,6 @@ def timed(fn, repeats: int) -> float:
         fn()
         times.append(clock() - t)
     return statistics.median(times)
-
-
-def metric_rows(logits, batch):
-    rows = torch.arange(len(batch), device=logits.device)
-    return logits[rows, batch.answer_ids] - logits[rows, batch.wrong_ids]
-
-
-def floor(w, batch):
-    """forward(patch) + forward(run) + backward, no split, no scores."""
-    with torch.no_grad():
-        forward(w, batch.clean_tokens, batch.answer_pos)
-    leaf = {}
-
-    def edit(kind, layer, x):
-        if kind == "embed":
-            x = x.detach().requires_grad_(True)
-            leaf["x"] = x
-        return x
-
-    with torch.enable_grad():
-        m = metric_rows(forward(w, batch.corrupt_tokens, batch.answer_pos, edit), batch).sum()
-        torch.autograd.grad(m, [leaf["x"]])
 
 
 def with_bridge_grads(model, fn):
