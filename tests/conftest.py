@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -70,6 +71,9 @@ def ray_session():
     # workers import the test plugin module by name, so they need this directory on their path
     here = os.path.dirname(os.path.abspath(__file__))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    if ray.is_initialized():  # started outside any test (a fixture or an import): _no_stray_ray cannot name it
+        warnings.warn("a Ray instance was running before ray_session started: shut down", stacklevel=1)
+        ray.shutdown()
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     _RAY_SESSION = True
     yield ray
