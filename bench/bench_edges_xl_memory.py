@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_edges_xl_memory.py                    # the Demo's 8 IOI prompts (15 tokens), per prompt & position
     .venv/bin/python bench/bench_edges_xl_memory.py --no-per-position  # scores summed over positions
+    .venv/bin/python bench/bench_edges_xl_memory.py --budget-scale 0.25  # a quarter of the memory budget
 
 The weights are random tensors in the engine's layout (``attrpatch.engine.Weights``), made directly with no
 Hugging Face model or bridge in between (that would hold a second 6 GB copy); the unembedding shares the
@@ -22,7 +23,7 @@ import torch
 from attrpatch import load_tokenizer, make_batch
 from attrpatch.engine import random_weights
 from attrpatch.graph import EdgeGraph
-from attrpatch.methods.core import edge_bytes_per_row, edge_scores, memory_budget, rows_per_pass
+from attrpatch.methods.core import budget_scale, edge_bytes_per_row, edge_scores, memory_budget, rows_per_pass
 from attrpatch.models import ModelShape
 
 
@@ -39,9 +40,15 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=25)
     parser.add_argument("--no-per-position", dest="per_position", action="store_false")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--budget-scale", type=float, default=1.0,
+                        help="scale the memory budget (core.budget_scale, as an out-of-memory retry does)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    with budget_scale(args.budget_scale):
+        run(args)
 
+
+def run(args) -> None:
     t = time.perf_counter()
     shape = ModelShape(args.layers, args.heads, args.d_model, 4 * args.d_model, 50257, 1024)
     w = random_weights(shape)
@@ -53,7 +60,7 @@ def main() -> None:
     rows = rows_per_pass(edge_bytes_per_row(w, batch.n_pos), 256, w.device)
     print(f"{len(batch)} prompts x {batch.n_pos} positions; {graph.n_edges} edges "
           f"({graph.n_src} sources x {graph.n_dst} targets); {rows} prompt(s) per pass "
-          f"(budget {memory_budget(w.device) / 2**30:.1f} GiB: the free RAM less a margin); per position: "
+          f"(budget {memory_budget(w.device) / 2**30:.1f} GiB: the free RAM less a margin, x{args.budget_scale}); per position: "
           f"{args.per_position}")
     t = time.perf_counter()
     scores = edge_scores(w, batch, directions=("denoise",), per_prompt=True, per_position=args.per_position)["denoise"]

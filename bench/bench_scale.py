@@ -95,6 +95,8 @@ def run_size(size: str, prompts: int, edges: int, out: Path, threads: int) -> di
     shape = GPT2_SHAPES[size]
     n_edges = EdgeGraph(shape["n_layer"], shape["n_head"]).n_edges
     root = out / size
+    if root.exists():  # a sweep would resume it and time nothing
+        raise SystemExit(f"{root} already holds a results root: pass a new --out")
     args = [
         sys.executable, "-m", "sweeps.run", f"model.path={ckpt}", f"methods=[{','.join(METHODS)}]",
         "task=ioi", f"task.n_prompts={prompts}", f"task.shard_size={prompts}", f"output.root={root}",

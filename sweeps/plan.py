@@ -43,10 +43,14 @@ GiB = 2**30
 # Bytes a prompt costs a worker that holds its task: texts, token ids, and Python objects (measured ~1.4 KB
 # for IOI prompts; rounded up).
 PROMPT_BYTES = 2048
-# Effective rate of each method family relative to the calibrated forward+backward rate (measured on this
-# project's CPU benches: restarted suffix forwards and the EAP contraction are memory-bound).
-EFFICIENCY = {"activation": 0.55, "edge_activation": 0.7, "edge_attribution": 0.8, "eap_ig": 0.9,
-              "attribution": 1.0, "faithfulness": 0.8, "dla": 1.0, "attention_attribution": 1.0}
+# Effective rate of each method family relative to the calibrated forward+backward rate: measured with
+# ``bench/bench_scale.py`` on this project's 2-core CPU (gpt2-small and gpt2-medium shapes, 4 prompts, 2 threads;
+# the geometric mean of the two sizes' measured/predicted). Restarted suffix forwards, the split q/k/v inputs of
+# the EAP contraction and of the faithfulness circuits, and small batches run well below the rate of a plain
+# forward and backward. Methods not measured there take the value of their closest relative.
+EFFICIENCY = {"attribution": 0.47, "atp_star": 0.47, "relp": 0.47, "dla": 0.47, "attention_attribution": 0.47,
+              "logit_lens": 0.47, "edge_attribution": 0.50, "edge_relp": 0.50, "eap_ig": 0.45, "activation": 0.27,
+              "edge_activation": 0.41, "faithfulness": 0.136, None: 0.37}  # None: a task's prompts cell
 _CACHE = Path(os.environ.get("ATTRPATCH_CACHE", Path.home() / ".cache" / "attrpatch")) / "calibration.json"
 
 
@@ -205,7 +209,8 @@ def make_plan(cfg: SweepConfig, entries: list[ModelEntry], cells: list[Cell], ba
             from attrpatch.methods.core import forward_flops
 
             flops = 2 * forward_flops(shape, w.n, w.P)
-            out.append(CellPlan(c.model, c.task, None, c.shard, {"prompts": w.n}, 2 * w.n, flops, flops / rate,
+            out.append(CellPlan(c.model, c.task, None, c.shard, {"prompts": w.n}, 2 * w.n, flops,
+                                flops / (rate * EFFICIENCY[None]),
                                 weight_bytes, weight_bytes))
             continue
         info = get_method(c.method)
