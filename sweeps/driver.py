@@ -87,13 +87,18 @@ class SweepReport:
 
 # ---------------------------------------------------------------- step 1: sizing workers
 
-def worker_memory(entry: ModelEntry, cfg: SweepConfig, plan: Plan | None) -> float:
-    """Bytes one worker of a model reserves: ``model.memory_gb``, else its plan's peak + 20 % (else the spec)."""
+def worker_memory(entry: ModelEntry, cfg: SweepConfig, plan: Plan | None, capacity: float | None = None) -> float:
+    """Bytes one worker of a model reserves: ``model.memory_gb``, else its plan's peak + 20 % (else the spec).
+    The peak assumes the default chunk size; chunks shrink to the memory a worker is given at run time, so
+    where the peak exceeds ``capacity`` (the cluster's memory) the worker reserves the capacity instead — the
+    plan's guard rail has already checked that what no chunking can shrink (weights, caches, dense scores)
+    fits in it."""
     if cfg.model.memory_gb is not None:
         return cfg.model.memory_gb * GiB
     peaks = [c.peak_bytes for c in plan.cells if c.model == entry.name] if plan is not None else []
     if peaks and max(peaks) > 0:
-        return max(peaks) * 1.2
+        want = max(peaks) * 1.2
+        return min(want, capacity) if capacity else want
     return entry.spec.memory_gb * GiB
 
 
@@ -363,7 +368,8 @@ def _dispatch(prep: Prepared, todo: list[Cell], plan: Plan, workers: list[dict],
         cells = [c for c in todo if c.model == entry.name]
         if cells:
             pools[entry.name] = _Pool(entry, cells)
-            plans[entry.name] = worker_plan(entry, cfg, resources, len(cells), worker_memory(entry, cfg, plan))
+            plans[entry.name] = worker_plan(entry, cfg, resources, len(cells),
+                                             worker_memory(entry, cfg, plan, resources.get("memory")))
     driver = {"pid": os.getpid(), "host": socket.gethostname(), "launch": lock.launch}
     pending: dict = {}  # ObjectRef → ("ready", model, i) or ("cell", model, i, cell)
     attempts: collections.Counter = collections.Counter()
@@ -480,6 +486,9 @@ def _dispatch(prep: Prepared, todo: list[Cell], plan: Plan, workers: list[dict],
     except BaseException:
         _stop(pools, pids, ray)
         raise
+    finally:  # on a cluster that outlives this launch the progress actor would otherwise stay
+        with contextlib.suppress(Exception):
+            ray.kill(progress, no_restart=True)
 
 
 def _stop(pools: dict, pids: dict, ray) -> None:
@@ -538,7 +547,8 @@ def prepare_plan(prep: Prepared) -> tuple[Plan, dict]:
         for e in prep.entries:
             n_cells = sum(1 for c in prep.cells if c.model == e.name)
             try:
-                _, plan.workers[e.name] = worker_plan(e, cfg, resources, n_cells, worker_memory(e, cfg, plan))
+                _, plan.workers[e.name] = worker_plan(e, cfg, resources, n_cells,
+                                                     worker_memory(e, cfg, plan, resources["memory"]))
             except SweepError as err:
                 raise ConfigError(str(err)) from None
     return plan, resources or {}

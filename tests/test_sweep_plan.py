@@ -100,6 +100,9 @@ def test_the_worker_memory_comes_from_the_plan(tmp_path):
     plan = make_plan(cfg, entries, cells, batches, rates={e.name: 1e10 for e in entries})
     peak = max(c.peak_bytes for c in plan.cells)
     assert worker_memory(entries[0], cfg, plan) == pytest.approx(1.2 * peak)
+    # a peak beyond the cluster's memory: chunks shrink at run time, so the worker reserves what there is
+    assert worker_memory(entries[0], cfg, plan, capacity=peak) == peak
+    assert worker_memory(entries[0], cfg, plan, capacity=10 * peak) == pytest.approx(1.2 * peak)
     fixed = SweepConfig(models=("gpt2-small",), model=ModelOptions(memory_gb=3))
     assert worker_memory(entries[0], fixed, plan) == 3 * 2**30
 

@@ -238,7 +238,9 @@ def test_killed_worker_is_restarted_and_the_sweep_completes(ray_session, ckpts, 
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not glob.glob(f"{root}/_done/**/*.json", recursive=True):
             time.sleep(0.1)
-        names = [n for n in ray.util.list_named_actors() if n.startswith("attrpatch/t/")]
+        launch = json.loads((root / "_lock.json").read_text())["launch"]  # this launch's workers only
+        names = [n for n in ray.util.list_named_actors()
+                 if n.startswith(f"attrpatch/t/{launch}/") and not n.endswith("/progress")]
         actor = ray.get_actor(sorted(names)[0])
         pid = ray.get(actor.pid.remote())
         os.kill(pid, signal.SIGKILL)
