@@ -13,7 +13,9 @@
    CPU's peak, so a rate measured on one width misjudges another by up to 3× —, cached per host, device,
    thread count and widths in ``~/.cache/attrpatch/calibration.json``; the best of three timing windows, so
    a calibration beside another job is not much slower than one on an idle machine), per method family
-   (``EFFICIENCY``: contractions and restarted forwards run at a different rate than plain forwards).
+   (``EFFICIENCY``: contractions and restarted forwards run at a different rate than plain forwards). The
+   rate is the driver's CPU at the workers' thread count: workers on GPUs or faster machines finish sooner
+   than the plan says (its time is then an upper bound; rows and memory do not depend on the device).
 4. Guard rails (``check``): a cell that needs more memory than its worker has, or a sweep that would write
    more rows than ``limits.max_rows``, refuses with the numbers, the override, and the cheaper choices.
 """
