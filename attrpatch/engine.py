@@ -20,7 +20,8 @@ Modes (combine freely):
   residual stream entering it at positions ``p0 …``); keys and values of positions ``< p0`` come from
   ``past`` (a ``KV`` cache of the unpatched run, row ``r`` reading prompt ``prompt[r]``).
 * ``answer_only=True``: the last block computes its query, attention and MLP at each row's answer position
-  only (keys and values still at every position), unless it is the block the forward starts at.
+  only (keys and values still at every position), unless it is the block the forward starts at and an edit
+  (anything but ``identity``) could act in it at other positions.
 * ``diff=(answer_ids, wrong_ids)``: return the logit difference ``ln_final(x) · (W_U[:, a] − W_U[:, b]) +
   b_U[a] − b_U[b]`` (``[row]``) instead of logits.
 * ``rules=frozenset({"ln", "gelu", "ah"})`` (any subset of ``LRP_RULES``): the LRP rules of RelP
@@ -437,7 +438,7 @@ def forward(w: Weights, tokens: Int[Tensor, "row pos"] | None, answer_pos: Int[T
     at = answer_pos - p0  # the answer's index in the computed positions
     for L in range(first, w.n_layers):
         past = start.past_kv(L) if start is not None else None
-        query = at if answer_only and L == last and L != first else None
+        query = at if answer_only and L == last and (L != first or edit is identity) else None
         resid = block(w, L, resid, edit, split, past, query, rules)
         if query is not None:
             return unembed(w, resid, None, edit, split, diff, rules)

@@ -2,18 +2,21 @@
 
     .venv/bin/python bench/bench_ab.py                                   # against ee31e6e (before the one engine)
     .venv/bin/python bench/bench_ab.py --baseline REV --rounds 8 floor atp eap act:attn_head_pattern_by_pos
+    .venv/bin/python bench/bench_ab.py --model ioi-tiny --task ioi --prompts 32 act    # one default-sweep shard
 
 The earlier commit's ``attrpatch`` package is taken from git (``git archive REV attrpatch``) into a temporary
 directory, renamed ``attrpatch_base`` (its own imports rewritten), and imported beside this checkout's package.
-Both load the same random GPT-2-small-shaped checkpoint (12 layers, d_model 768, 12 heads, real vocabulary) and
-the 8 ``ioi_seed8`` prompts; one torch thread. Each round runs base and new back to back, alternating which goes
+Both load the same model — by default a random GPT-2-small-shaped checkpoint (12 layers, d_model 768, 12 heads,
+real vocabulary), else ``--model`` (a registered name or a checkpoint directory) — and the same prompts (by
+default the 8 ``ioi_seed8`` prompts); one torch thread. Each round runs base and new back to back, alternating which goes
 first; the printed ratios are medians of per-round ratios of wall time and of this process's CPU time (the CPU
 time is the steadier one on a shared machine). What each name times:
 
 * ``floor``: engine fwd(clean) + fwd(corrupted) + bwd to the embeddings;
 * ``atp``: ``run_method("attribution")``, every node kind, per prompt and position, ``denoise``;
 * ``eap`` / ``eap_sum``: the EAP edge loop per prompt and position / summed;
-* ``act:<granularity>``: ``run_method("activation")`` on one activation-patching grid.
+* ``act:<granularity>``: ``run_method("activation")`` on one activation-patching grid; ``act``: its default (every
+  kind's own grids).
 
 A ratio above 1 is a slow-down of this checkout. The API differences between the two commits are bridged here
 (the earlier commit had ``MethodConfig(extra=…)`` and ``edge_attribution.eap_scores``).
@@ -53,13 +56,13 @@ def baseline_package(rev: str, into: Path) -> None:
         path.write_text(pattern.sub(r"\1 attrpatch_base", path.read_text()))
 
 
-def setup(pkg: str, ckpt: str):
+def setup(pkg: str, ckpt: str, task: str, prompts: int):
     """A function from a name above to a zero-argument callable that runs it with package ``pkg``."""
     m = importlib.import_module(pkg)
     eng = importlib.import_module(pkg + ".engine")
     meth = importlib.import_module(pkg + ".methods")
     model = m.load_model(ckpt)
-    batch = m.make_batch("ioi_seed8", model.tokenizer, n_prompts=8, seed=0)
+    batch = m.make_batch(task, model.tokenizer, n_prompts=prompts, seed=0)
     w = eng.weights(model)
     rows = torch.arange(len(batch))
 
@@ -102,10 +105,12 @@ def setup(pkg: str, ckpt: str):
     def get(name):
         if name in fns:
             return fns[name]
+        if name == "act":
+            return lambda: meth.run_method("activation", model, batch, config("activation"))
         if name.startswith("act:"):
             grid = name.split(":", 1)[1]
             return lambda: meth.run_method("activation", model, batch, config("activation", granularities=(grid,)))
-        raise SystemExit(f"unknown name {name!r}: one of floor, atp, eap, eap_sum, act:<granularity>")
+        raise SystemExit(f"unknown name {name!r}: one of floor, atp, eap, eap_sum, act, act:<granularity>")
 
     return get
 
@@ -115,6 +120,9 @@ def main() -> None:
     ap.add_argument("names", nargs="*", default=DEFAULT)
     ap.add_argument("--baseline", default=BASELINE, help="the earlier commit (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--model", default=None, help="a registered model or checkpoint dir (default: random GPT-2 small)")
+    ap.add_argument("--task", default="ioi_seed8")
+    ap.add_argument("--prompts", type=int, default=8)
     args = ap.parse_args()
     torch.set_num_threads(1)
     from attrpatch.testing import GPT2_SHAPES, save_random_gpt2
@@ -123,9 +131,11 @@ def main() -> None:
         tmp = Path(tmp)
         baseline_package(args.baseline, tmp)
         sys.path.insert(0, str(tmp))
-        ckpt = str(save_random_gpt2(tmp / "model", seed=0, scale=1.0, **GPT2_SHAPES["gpt2-small"]))
-        get = {"base": setup("attrpatch_base", ckpt), "new": setup("attrpatch", ckpt)}
-        print(f"baseline {args.baseline} vs this checkout; GPT-2-small shape, 8 ioi_seed8 prompts, 1 thread; "
+        ckpt = args.model or str(save_random_gpt2(tmp / "model", seed=0, scale=1.0, **GPT2_SHAPES["gpt2-small"]))
+        get = {k: setup(pkg, ckpt, args.task, args.prompts) for k, pkg in (("base", "attrpatch_base"),
+                                                                           ("new", "attrpatch"))}
+        print(f"baseline {args.baseline} vs this checkout; {args.model or 'random GPT-2-small shape'}, "
+              f"{args.prompts} {args.task} prompts, 1 thread; "
               f"medians of per-round ratios over {args.rounds} rounds", flush=True)
         for name in args.names:
             fn = {k: g(name) for k, g in get.items()}

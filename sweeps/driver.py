@@ -117,7 +117,7 @@ def worker_plan(entry: ModelEntry, cfg: SweepConfig, resources: dict, n_cells: i
     need = {"CPU": cpus, "GPU": gpus, "memory": memory}
     for key, option in (("CPU", "num_cpus"), ("GPU", "num_gpus"), ("memory", "memory_gb")):
         if need[key] > have[key] + 1e-9:
-            shown = (f"{need[key] / GiB:.1f} GB", f"{have[key] / GiB:.1f} GB") if key == "memory" else (need[key], have[key])
+            shown = (f"{need[key] / GiB:.1f} GiB", f"{have[key] / GiB:.1f} GiB") if key == "memory" else (need[key], have[key])
             raise SweepError(
                 f"model {entry.name!r} needs {shown[0]} {key} per worker but the cluster has {shown[1]}: "
                 f"lower model.{option} or add resources to the cluster"

@@ -169,5 +169,5 @@ def test_worker_plan_uses_fractional_gpus_only_when_the_cluster_has_gpus(tmp_pat
 
 
 def test_worker_plan_refuses_what_the_cluster_cannot_hold(tmp_path):
-    with pytest.raises(SweepError, match="needs 20.0 GB memory per worker"):
+    with pytest.raises(SweepError, match="needs 20.0 GiB memory per worker"):
         worker_plan(_entry(tmp_path, "gpt2-xl"), SweepConfig(), {"CPU": 8, "GPU": 1, "memory": 8 * 2**30}, 10)

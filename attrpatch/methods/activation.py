@@ -66,7 +66,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from attrpatch.components import HEAD_VECTOR_KINDS, LAYER_KINDS
-from attrpatch.engine import KV, Edit, Recorder, Start, Weights, block, cache_kv, forward, weights
+from attrpatch.engine import KV, Edit, Recorder, Start, Weights, block, cache_kv, forward, identity, weights
 from attrpatch.methods import MethodConfig, MethodError, Options, register, register_cost
 from attrpatch.methods.core import (
     Cost,
@@ -296,9 +296,11 @@ def patched_metric(w: Weights, resid_pre: Tensor, kv: KV, layer: int, p0: int, p
                       past=kv.before(layer, p0, prompt))
         resid = resid_pre[layer + 1][prompt, p0:p0 + n_suffix]  # advanced indexing: a copy
         resid[:, :1] = at_p0
-        start = Start(layer + 1, resid, p0, kv, prompt)
-    else:
-        start = Start(layer, resid_pre[layer][prompt, p0:p0 + n_suffix], p0, kv, prompt)
+        # the patch is in: no edit acts after block ``layer``, so even a last block started at runs at the
+        # answer position only
+        return forward(w, None, answer_pos, identity, start=Start(layer + 1, resid, p0, kv, prompt),
+                       answer_only=True, diff=ids)
+    start = Start(layer, resid_pre[layer][prompt, p0:p0 + n_suffix], p0, kv, prompt)
     return forward(w, None, answer_pos, edit, start=start, answer_only=True, diff=ids)
 
 
