@@ -36,7 +36,10 @@ def test_ctrl_c_leaves_no_partial_file_and_the_relaunch_resumes(tmp_path):
             f"method.overrides={{{slow}}}", "wandb=disabled",
             f"output.root={root}", "output.progress=false", f"hydra.run.dir={tmp_path}/h", "cluster.num_cpus=2"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # a shell starts background jobs with SIGINT ignored, and Python then keeps ignoring it: give the sweep
+    # the default disposition, as a terminal's foreground command has, whatever launched pytest
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not glob.glob(f"{root}/nodes/**/*.parquet", recursive=True):
         assert proc.poll() is None, proc.stdout.read()
