@@ -84,9 +84,11 @@ def ray_session():
 @pytest.fixture(autouse=True)
 def _no_stray_ray(request):
     """A test that leaves a Ray running in this process (e.g. through an API that starts one on first use, such as
-    ``ray.get_runtime_context()``) fails here, by name, instead of breaking ``ray_session`` for later tests."""
+    ``ray.get_runtime_context()``) is named in a warning (the summary lists it) and its Ray shut down, instead of
+    breaking ``ray_session`` for every later test."""
     yield
     ray = sys.modules.get("ray")
     if ray is not None and not _RAY_SESSION and ray.is_initialized():
         ray.shutdown()
-        pytest.fail(f"{request.node.nodeid} left a Ray instance running in the test process")
+        warnings.warn(f"{request.node.nodeid} left a Ray instance running in the test process (shut down)",
+                      stacklevel=1)
