@@ -66,7 +66,7 @@ def setup(pkg: str, ckpt: str, task: str, prompts: int):
     w = eng.weights(model)
     rows = torch.arange(len(batch))
 
-    def floor():
+    def floor():  # attrpatch.testing.floor, but on ``pkg``'s engine (the earlier package has no such helper)
         with torch.no_grad():
             eng.forward(w, batch.clean_tokens, batch.answer_pos)
         leaf = {}

@@ -32,10 +32,10 @@ from attrpatch.engine import random_weights
 from attrpatch.methods.atp_star import atp_star_scores
 from attrpatch.methods.core import ATP_KINDS, atp_scores
 from attrpatch.methods.relp import PAPER_RULES, relp_scores
-from attrpatch.models import ModelShape
+from attrpatch.models import HUB_SHAPES
 from attrpatch.testing import batch_on, bench_device, device_line, floor, sync, write_json
 
-GPT2_SMALL = ModelShape(n_layers=12, n_heads=12, d_model=768, d_mlp=3072, vocab=50257, n_ctx=1024)
+GPT2_SMALL = HUB_SHAPES["gpt2"]
 
 
 def interleaved(fns: dict, rounds: int, device) -> dict[str, list[float]]:
